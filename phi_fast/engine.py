@@ -1,0 +1,320 @@
+"""The engine: requests, a continuous-batching scheduler over the paged KV cache, prefill and decode steps.
+
+Each step either prefills newly admitted requests (one varlen batch) or decodes one token for every running
+request. A request whose prompt shares a prefix with a cached sequence (same image, same tokens) starts from
+that sequence's pages. When a decode step runs out of pages, the newest running request is preempted: its
+pages are freed and it is recomputed later from its prompt and the tokens it already produced, so its output
+is neither lost nor repeated. The engine is the only place that knows about requests and pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import torch
+
+from .kv_cache import CacheFullError, PagePool, SequencePages
+from .model import LlavaPhi, StepBatch
+from .prompt import IMAGE_TOKEN_INDEX
+from .sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt being answered; its state as the engine advances it."""
+
+    id: int
+    keys: list[Hashable]  # identity of each prompt position: a token id or (image digest, row)
+    embeds: torch.Tensor  # [T_prompt, C] prompt embeddings, images spliced in
+    params: SamplingParams
+    generator: torch.Generator | None
+    seq: SequencePages = field(default_factory=SequencePages)
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `visible_text` already streamed
+    finish_reason: str | None = None  # "eos" | "stop" | "length" | "error" | "aborted"
+    error: Exception | None = None
+    keep_cache: bool = False  # keep the pages after finishing (a chat turn to continue)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.keys) + len(self.output_ids)
+
+    def all_keys(self) -> list[Hashable]:
+        return self.keys + self.output_ids
+
+    def visible_text(self) -> str:
+        """The answer as far as it is final: stripped, without a tail that may still become a stop string."""
+        text = self.text.strip() if self.finished else self.text.lstrip()
+        if self.finished:
+            return text
+        end = len(text.rstrip())
+        if text.endswith("\ufffd"):  # a byte-level token split a character: wait for the rest
+            end = min(end, len(text.rstrip("\ufffd")))
+        for s in self.params.stop:
+            for k in range(min(len(s) - 1, end), 0, -1):
+                if text[:end].endswith(s[:k]):
+                    end -= k
+                    break
+        return text[:end]
+
+    def take_new_text(self) -> str:
+        """Text produced since the last call (for streaming)."""
+        text = self.visible_text()
+        piece, self.emitted = text[self.emitted:], max(self.emitted, len(text))
+        return piece
+
+
+class Engine:
+    """Continuous batching over one model, one tokenizer and one page pool."""
+
+    def __init__(self, model: LlavaPhi, tokenizer, pool: PagePool, *, max_num_seqs: int = 64,
+                 max_prefill_tokens: int = 8192):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.context = model.cfg.text.max_position_embeddings
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.retained: list[Request] = []  # finished chat turns whose pages stay cached
+        self._ids = itertools.count()
+
+    # --- requests -----------------------------------------------------------------------------------------
+
+    def add(self, prompt_ids: list[int], pixels: list[torch.Tensor], params: SamplingParams,
+            keep_cache: bool = False) -> Request:
+        """Queue a prompt (token ids with IMAGE_TOKEN_INDEX markers, one preprocessed image [3, S, S] each)."""
+        n_markers = sum(1 for t in prompt_ids if t == IMAGE_TOKEN_INDEX)
+        if n_markers != len(pixels):
+            raise ValueError(f"prompt has {n_markers} <image> markers but {len(pixels)} images were given")
+        n_img = self.model.image_tokens
+        length = len(prompt_ids) + n_markers * (n_img - 1)
+        if length >= self.context:
+            raise ValueError(f"prompt is {length} tokens ({n_markers} images x {n_img} rows included); "
+                             f"the context is {self.context} and at least one token must be generated")
+        rows = list(self.model.encode_images(torch.stack(pixels))) if pixels else []
+        digests = iter(hashlib.sha1(p.cpu().contiguous().numpy().tobytes()).hexdigest() for p in pixels)
+        keys: list[Hashable] = []
+        for t in prompt_ids:
+            if t == IMAGE_TOKEN_INDEX:
+                d = next(digests)
+                keys.extend((d, r) for r in range(n_img))
+            else:
+                keys.append(t)
+        req = Request(next(self._ids), keys, self.model.embed_prompt(prompt_ids, rows), params,
+                      params.make_generator(), keep_cache=keep_cache)
+        self.waiting.append(req)
+        return req
+
+    def release(self, req: Request) -> None:
+        """Forget a retained request's cached pages."""
+        if req in self.retained:
+            self.retained.remove(req)
+            req.seq.free(self.pool)
+
+    def abort(self, req: Request) -> None:
+        """Stop an unfinished request and free its pages (no-op once finished)."""
+        if req.finished:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.keep_cache = False
+        self._finish(req, "aborted")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def run(self) -> None:
+        """Step until every request has finished."""
+        while self.has_work:
+            self.step()
+
+    # --- scheduling ---------------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One forward pass: prefill what can be admitted, else decode every running request."""
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        elif self.running:
+            self._decode()
+
+    def _admit(self) -> list[tuple[Request, int, list[int]]]:
+        """Requests to prefill now, each with its first uncached position and the slots reserved for the rest."""
+        admitted: list[tuple[Request, int, list[int]]] = []
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = req.num_tokens
+            if admitted and n > budget:
+                break
+            if any(_common_prefix(req.all_keys(), a.all_keys()) >= self.pool.page_size for a, _, _ in admitted):
+                break  # it will share the pages that one is about to fill: admit it next step
+            self._share_prefix(req)
+            need = req.seq.pages_needed(self.pool, n - req.seq.length)
+            if need > self.pool.num_free:
+                req.seq.free(self.pool)
+                if not self.running and not admitted and need > self.pool.num_free + self._reclaimable():
+                    self.waiting.pop(0)
+                    self._fail(req, CacheFullError(
+                        f"request {req.id} needs {need} KV pages of {self.pool.page_size} tokens for its "
+                        f"{n}-token prompt, more than the whole cache ({self.pool.num_pages} pages) can give"))
+                    continue
+                if not self.running and not admitted:
+                    self._drop_retained()
+                    continue
+                break
+            self.waiting.pop(0)
+            start = req.seq.length
+            admitted.append((req, start, req.seq.reserve(self.pool, n - start)))
+            budget -= n
+        return admitted
+
+    def _share_prefix(self, req: Request) -> None:
+        """Start req's cache with the longest prefix some cached sequence already holds (whole pages kept)."""
+        keys = req.all_keys()
+        best, best_len = None, 0
+        for other in self.running + self.retained:
+            n = min(_common_prefix(keys, other.all_keys()[: other.seq.length]), len(keys) - 1)  # the last token is always computed: its logits are needed
+            if n > best_len:
+                best, best_len = other, n
+        if best is not None and best_len >= self.pool.page_size:
+            req.seq.share_from(self.pool, best.seq, best_len)
+
+    def _reclaimable(self) -> int:
+        return sum(len(r.seq.pages) for r in self.retained)
+
+    def _drop_retained(self) -> None:
+        for r in self.retained:
+            r.seq.free(self.pool)
+        self.retained.clear()
+
+    def _prefill(self, admitted: list[tuple[Request, int, list[int]]]) -> None:
+        reqs = [req for req, _, _ in admitted]
+        embeds = [self._embeds(req, start) for req, start, _ in admitted]
+        positions = [p for req, start, _ in admitted for p in range(start, req.num_tokens)]
+        slots = [s for _, _, req_slots in admitted for s in req_slots]
+        batch = self._batch(reqs, positions, slots, [req.num_tokens - start for req, start, _ in admitted],
+                            no_prefix=all(start == 0 for _, start, _ in admitted))
+        logits = self.model.forward(torch.cat(embeds), batch, self.pool)
+        self.running += reqs
+        self._append_tokens(reqs, logits)
+
+    def _decode(self) -> None:
+        slots: dict[int, int] = {}
+        for req in list(self.running):
+            while req in self.running:
+                try:
+                    slots[req.id] = req.seq.reserve(self.pool, 1)[0]
+                    break
+                except CacheFullError:
+                    if not self._preempt(exclude=req):
+                        self._fail(req, CacheFullError(
+                            f"request {req.id} at {req.seq.length} tokens needs another KV page and the cache "
+                            f"({self.pool.num_pages} pages of {self.pool.page_size}) has none left"))
+        reqs = list(self.running)  # preemption may have removed some that already had a slot
+        if not reqs:
+            return
+        ids = torch.tensor([r.output_ids[-1] for r in reqs], device=self.model.device)
+        batch = self._batch(reqs, [r.num_tokens - 1 for r in reqs], [slots[r.id] for r in reqs], [1] * len(reqs),
+                            no_prefix=False)
+        logits = self.model.forward(self.model.decoder.embed(ids), batch, self.pool)
+        self._append_tokens(reqs, logits)
+
+    def _preempt(self, exclude: Request) -> bool:
+        """Free the newest running request other than `exclude` (or retained pages); False if none."""
+        if self.retained:
+            self._drop_retained()
+            return True
+        victims = [r for r in self.running if r is not exclude]
+        if not victims:
+            return False
+        victim = max(victims, key=lambda r: r.id)
+        log.info("KV cache full: preempting request %d (%d tokens), it will be recomputed", victim.id,
+                 victim.num_tokens)
+        victim.seq.free(self.pool)
+        self.running.remove(victim)
+        self.waiting.insert(0, victim)
+        return True
+
+    # --- step inputs and outputs --------------------------------------------------------------------------
+
+    def _embeds(self, req: Request, start: int) -> torch.Tensor:
+        """Embeddings of req's tokens from position start on: prompt rows, then generated tokens. [n, C]"""
+        n_prompt = len(req.keys)
+        parts = [req.embeds[start:]] if start < n_prompt else []
+        gen = req.output_ids[max(start - n_prompt, 0):]
+        if gen:
+            parts.append(self.model.decoder.embed(torch.tensor(gen, device=self.model.device)))
+        return torch.cat(parts)
+
+    def _batch(self, reqs: list[Request], positions: list[int], slots: list[int], q_lens: list[int],
+               no_prefix: bool) -> StepBatch:
+        dev = self.model.device
+        max_pages = max(len(r.seq.pages) for r in reqs)
+        table = torch.zeros(len(reqs), max_pages, dtype=torch.int32)
+        for i, r in enumerate(reqs):
+            table[i, : len(r.seq.pages)] = torch.tensor(r.seq.pages, dtype=torch.int32)
+        cu = torch.zeros(len(reqs) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(q_lens), 0)
+        return StepBatch(
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_table=table.to(dev),
+            seq_lens=torch.tensor([r.seq.length for r in reqs], dtype=torch.int32, device=dev),
+            cu_seqlens_q=cu.to(dev),
+            no_prefix=no_prefix,
+        )
+
+    def _append_tokens(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        eos = self.tokenizer.eos_token_id
+        for req, row in zip(reqs, logits):
+            token = sample(row, req.params, req.generator)
+            if token == eos:
+                self._finish(req, "eos")
+                continue
+            req.output_ids.append(token)
+            req.text = self.tokenizer.decode(req.output_ids)
+            cut = min((i for i in (req.text.find(s) for s in req.params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                req.text = req.text[:cut]
+                self._finish(req, "stop")
+            elif len(req.output_ids) >= req.params.max_new_tokens or req.num_tokens >= self.context:
+                self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        if req in self.running:
+            self.running.remove(req)
+        if req.keep_cache and reason != "error":
+            self.retained.append(req)
+        else:
+            req.seq.free(self.pool)
+
+    def _fail(self, req: Request, error: Exception) -> None:
+        log.error("request %d failed: %s", req.id, error)
+        req.error = error
+        self._finish(req, "error")
+
+
+def _common_prefix(a: list[Hashable], b: list[Hashable]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
