@@ -20,7 +20,7 @@ from PIL import Image
 from .config import TextConfig, VisionConfig
 from .sampling import SamplingParams
 from .tokenizer import write_demo_tokenizer
-from .weights import write_random_llava_phi
+from .checkpoint_writer import write_random_llava_phi
 
 log = logging.getLogger(__name__)
 

@@ -90,10 +90,12 @@ class Projector:
         self.w = w
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        """features: [..., Cv] -> [..., C]."""
+        """features: [B, N, Cv] -> [B, N, C]."""
         w = self.w
-        h = ops.bias_gelu(F.linear(features, w["projector.fc1.weight"]), w["projector.fc1.bias"], approximate="none")
-        return F.linear(h, w["projector.fc2.weight"], w["projector.fc2.bias"])
+        b, n, cv = features.shape
+        h = F.linear(features.reshape(b * n, cv), w["projector.fc1.weight"])
+        h = ops.bias_gelu(h, w["projector.fc1.bias"], approximate="none")
+        return F.linear(h, w["projector.fc2.weight"], w["projector.fc2.bias"]).view(b, n, -1)
 
 
 class PhiDecoder:

@@ -1,0 +1,75 @@
+// Shared helpers of the CPU kernels (csrc/cpu/*.cpp): dtype dispatch onto storage types, row load/store
+// through fp32, and a vectorizable fp32 exp. Header-only, torch-free.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/dtype.h"
+#include "common/float_convert.h"
+
+namespace phi_fast::cpu {
+
+// Work below this many elements runs on the calling thread: an OpenMP team costs more than it saves.
+constexpr int64_t kParallelMinElements = 1 << 15;
+
+// Calls fn(T{}) with T the storage type of dtype: float, Half or BFloat16.
+template <typename Fn>
+void dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::f32: fn(float{}); return;
+    case DType::f16: fn(Half{}); return;
+    case DType::bf16: fn(BFloat16{}); return;
+  }
+  throw std::invalid_argument("phi_fast cpu: unknown dtype " + std::to_string(static_cast<int>(dtype)));
+}
+
+// dst[i] = float(src[i]) for i < n.
+template <typename T>
+inline void load_row(float* dst, const T* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// dst[i] = T(src[i]) for i < n, round to nearest even.
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(src[i]);
+}
+
+// The n values of src as fp32: src itself when T is float (no copy), else converted into buffer.
+template <typename T>
+inline const float* row_as_float(const T* src, int64_t n, float* buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    load_row(buffer, src, n);
+    return buffer;
+  }
+}
+
+// exp(x) in fp32 without a libm call, so loops over it vectorize: x = n ln2 + r with |r| <= ln2/2,
+// exp(x) = 2^n * p(r), p the degree-7 Taylor polynomial (relative error < 2 ulp). Returns 0 below -87.33
+// (where exp leaves the normal range), exp(88.37) above 88.37, NaN for NaN.
+inline float exp_f32(float x) {
+  const float clamped = x > 88.37f ? 88.37f : (x < -87.33f ? -87.33f : x);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
+  const float shifted = clamped * 1.44269504088896341f + shifter;
+  const float n = shifted - shifter;
+  const int32_t n_int = static_cast<int32_t>(float_bits(shifted) - float_bits(shifter));
+  float r = clamped - n * 0.693145751953125f;  // ln2 split in a high part exact in n * hi ...
+  r = r - n * 1.42860682030941723e-6f;         // ... and the low remainder
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float scale = bits_float(static_cast<uint32_t>(n_int + 127) << 23);
+  return x < -87.33f ? 0.0f : p * scale;
+}
+
+}  // namespace phi_fast::cpu
