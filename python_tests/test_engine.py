@@ -1,0 +1,193 @@
+"""The engine: batching equals running alone, prefix sharing, preemption, failures that stay local, chat."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import phi_fast
+from phi_fast.image import preprocess
+from phi_fast.kv_cache import CacheFullError, PagePool, SequencePages
+from phi_fast.prompt import build_prompt, tokenize_prompt
+from phi_fast.sampling import SamplingParams
+
+from checkpoints import make_tiny_checkpoints
+from tokenizer_fixture import write_tokenizer
+
+QUESTIONS = ["What is this?", "Describe the picture in detail.", "Which colour dominates?",
+             "Is there any text in the image?", "How many objects can you see here?"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    tiny = make_tiny_checkpoints(tmp_path_factory.mktemp("engine"), variants=("llava_phi",))
+    path = tiny.paths["llava_phi"]
+    write_tokenizer(path)
+    return path
+
+
+def _image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (40 + seed, 60, 3), dtype=np.uint8), "RGB")
+
+
+def _request(model: phi_fast.Model, i: int, image_seed: int | None = None):
+    ids = tokenize_prompt(model.tokenizer, build_prompt(QUESTIONS[i % len(QUESTIONS)], with_image=True))
+    px = preprocess(_image(i if image_seed is None else image_seed), image_size=model.config.vision.image_size)
+    return ids, [px]
+
+
+def _alone(ckpt, n: int, max_new: int = 24) -> list[list[int]]:
+    model = phi_fast.load(ckpt, progress=False)
+    outs = []
+    for i in range(n):
+        req = model.engine.add(*_request(model, i), SamplingParams(max_new_tokens=max_new))
+        model.engine.run()
+        outs.append(req.output_ids)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def alone(ckpt):
+    return _alone(ckpt, 5)
+
+
+def _used(model: phi_fast.Model) -> int:
+    pool = model.engine.pool
+    return pool.num_pages - pool.num_free
+
+
+def test_batch_with_requests_joining_midway_equals_each_alone(ckpt, alone):
+    model = phi_fast.load(ckpt, progress=False)
+    params = SamplingParams(max_new_tokens=24)
+    reqs = [model.engine.add(*_request(model, i), params) for i in range(2)]
+    for _ in range(5):
+        model.engine.step()
+    reqs += [model.engine.add(*_request(model, i), params) for i in range(2, 5)]
+    model.engine.run()
+    assert [r.output_ids for r in reqs] == alone
+    assert _used(model) == 0  # every page went back to the pool
+
+
+def test_list_api_keeps_order(ckpt, alone):
+    model = phi_fast.load(ckpt, progress=False)
+    images = [_image(i) for i in range(5)]
+    answers = model.generate(images, QUESTIONS, max_new_tokens=24)
+    assert answers == [model.tokenizer.decode(ids).strip() for ids in alone]
+
+
+def test_same_image_requests_share_pages(ckpt):
+    def peak_pages(same_image: bool) -> tuple[int, list[list[int]]]:
+        model = phi_fast.load(ckpt, progress=False)
+        params = SamplingParams(max_new_tokens=8)
+        reqs = [model.engine.add(*_request(model, i, image_seed=7 if same_image else 7 + i), params)
+                for i in range(2)]
+        peak = 0
+        while model.engine.has_work:
+            model.engine.step()
+            peak = max(peak, _used(model))
+        return peak, [r.output_ids for r in reqs]
+
+    shared_peak, shared_out = peak_pages(True)
+    separate_peak, _ = peak_pages(False)
+    assert shared_peak < separate_peak
+    model = phi_fast.load(ckpt, progress=False)
+    for i in range(2):  # sharing changes nothing in the output
+        req = model.engine.add(*_request(model, i, image_seed=7), SamplingParams(max_new_tokens=8))
+        model.engine.run()
+        assert req.output_ids == shared_out[i]
+
+
+def test_small_pool_completes_everything_through_preemption(ckpt, alone):
+    model = phi_fast.load(ckpt, progress=False)
+    t = model.config.text
+    # room for about two requests at a time: the others wait or get preempted and recomputed
+    page_bytes = PagePool.page_bytes(t.num_layers, t.num_heads, t.head_dim, 16, torch.float32)
+    model = phi_fast.load(ckpt, progress=False, cache_memory=12 * page_bytes)
+    assert model.engine.pool.num_pages == 12
+    params = SamplingParams(max_new_tokens=24)
+    reqs = [model.engine.add(*_request(model, i), params) for i in range(5)]
+    streamed = {r.id: "" for r in reqs}
+    preempted = 0
+    while model.engine.has_work:
+        before = len(model.engine.waiting)
+        model.engine.step()
+        preempted += max(0, len(model.engine.waiting) - before)
+        for r in reqs:
+            streamed[r.id] += r.take_new_text()
+    assert preempted > 0, "the pool was meant to be too small for all requests at once"
+    assert [r.output_ids for r in reqs] == alone
+    for r in reqs:  # streamed text: nothing lost, nothing repeated
+        assert streamed[r.id] == model.tokenizer.decode(r.output_ids).strip()
+
+
+def test_request_that_can_never_fit_fails_alone(ckpt, alone):
+    model = phi_fast.load(ckpt, progress=False)
+    t = model.config.text
+    page_bytes = PagePool.page_bytes(t.num_layers, t.num_heads, t.head_dim, 16, torch.float32)
+    model = phi_fast.load(ckpt, progress=False, cache_memory=8 * page_bytes)
+    params = SamplingParams(max_new_tokens=24)
+    ok = [model.engine.add(*_request(model, i), params) for i in range(2)]
+    words = 1
+    while len(huge_ids := tokenize_prompt(model.tokenizer, build_prompt("word " * words, with_image=False))) <= 9 * 16:
+        words += 1
+    assert len(huge_ids) < model.config.text.max_position_embeddings  # it fits the context, not the cache
+    huge = model.engine.add(huge_ids, [], params)
+    model.engine.run()
+    assert isinstance(huge.error, CacheFullError) and "more than the whole cache" in str(huge.error)
+    assert [r.output_ids for r in ok] == alone[:2]
+    assert _used(model) == 0
+
+
+def test_chat_equals_rerunning_the_conversation(ckpt):
+    model = phi_fast.load(ckpt, progress=False)
+    image = _image(11)
+    chat = model.chat(image)
+    answers = [chat.ask(q, max_new_tokens=12) for q in QUESTIONS[:3]]
+    cached_after_chat = _used(model)
+    assert cached_after_chat > 0  # the conversation stays in the cache
+    fresh = phi_fast.load(ckpt, progress=False)
+    turns: list[tuple[str, str | None]] = []
+    for q, a in zip(QUESTIONS[:3], answers):
+        ids = tokenize_prompt(fresh.tokenizer, build_prompt(turns + [(q, None)], with_image=True))
+        px = preprocess(image, image_size=fresh.config.vision.image_size)
+        req = fresh.engine.add(ids, [px], SamplingParams(max_new_tokens=12))
+        fresh.engine.run()
+        assert req.visible_text() == a
+        turns.append((q, a))
+    chat.close()
+    assert _used(model) == 0
+
+
+def test_abandoned_stream_frees_its_pages(ckpt):
+    model = phi_fast.load(ckpt, progress=False)
+    stream = model.generate(_image(1), QUESTIONS[1], max_new_tokens=24, stream=True)
+    next(iter(stream))
+    assert _used(model) > 0
+    stream.close()
+    assert _used(model) == 0 and not model.engine.has_work
+
+
+def test_pool_refcounts_and_copy_on_write():
+    pool = PagePool(num_layers=2, num_heads=1, head_dim=4, num_pages=4, page_size=4)
+    a = SequencePages()
+    slots = a.reserve(pool, 6)  # 2 pages, the second half full
+    assert slots == [a.pages[0] * 4 + i for i in range(4)] + [a.pages[1] * 4 + i for i in range(2)]
+    for layer in pool.key_caches:
+        layer.view(-1, 1, 4)[torch.tensor(slots)] = torch.arange(6.0)[:, None, None]
+    b = SequencePages()
+    b.share_from(pool, a, 6)
+    assert b.pages == a.pages and pool.refcount(a.pages[1]) == 2 and pool.num_free == 2
+    new_slot = b.reserve(pool, 1)[0]  # b writes into the shared half-full page: it gets a copy first
+    assert b.pages[0] == a.pages[0] and b.pages[1] != a.pages[1]
+    assert new_slot == b.pages[1] * 4 + 2
+    assert torch.equal(pool.key_caches[1][b.pages[1], :2], pool.key_caches[1][a.pages[1], :2])
+    assert pool.refcount(a.pages[1]) == 1 and pool.refcount(a.pages[0]) == 2
+    with pytest.raises(CacheFullError, match="need 2 pages, 1 of 4 free"):
+        b.reserve(pool, 8)
+    assert pool.num_free == 1  # a failed reservation takes nothing
+    a.free(pool)
+    b.free(pool)
+    assert pool.num_free == 4
