@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from setuptools import setup
@@ -33,6 +34,26 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 ROOT = Path(__file__).resolve().parent
+
+
+def fix_cuda_home() -> None:
+    """torch guesses CUDA_HOME from nvcc's folder; a wrapper script (/usr/local/bin/nvcc) makes that /usr/local,
+    which has no CUDA headers. Then look for the toolkit of the nvcc that actually runs (or /usr/local/cuda)."""
+    home = cpp_extension.CUDA_HOME
+    if home is None or os.environ.get("CUDA_HOME") or (Path(home) / "include" / "cuda_runtime.h").exists():
+        return
+    candidates = [Path("/usr/local/cuda")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        text = Path(nvcc).read_bytes()[:4096]
+        candidates += [Path(w).parent.parent for w in text.decode(errors="ignore").split() if w.endswith("/nvcc")]
+        candidates.insert(0, Path(nvcc).resolve().parent.parent)
+    for cand in candidates:
+        if (cand / "include" / "cuda_runtime.h").exists():
+            log.warning("phi_fast: CUDA_HOME %s has no CUDA headers, using %s", home, cand)
+            cpp_extension.CUDA_HOME = str(cand)
+            os.environ["CUDA_HOME"] = str(cand)
+            return
 # Source globs, relative to the repository root; CMakeLists.txt uses the same ones.
 CPP_SOURCES = ("csrc/bindings.cpp", "csrc/cpu/*.cpp", "csrc/ops/*.cpp")
 CUDA_SOURCES = ("csrc/cuda/*.cu",)
@@ -87,6 +108,7 @@ def write_build_info(with_cuda: bool) -> Path:
 def extension() -> cpp_extension.CppExtension:
     """phi_fast._C: a CUDAExtension when the CUDA kernels are built, else a CppExtension."""
     cuda_sources = sources(CUDA_SOURCES)
+    fix_cuda_home()
     with_cuda = build_with_cuda(cuda_sources)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)

@@ -21,7 +21,8 @@ def extension() -> ModuleType:
     try:
         from phi_fast import _C
     except ImportError as error:
-        raise ImportError(f"phi_fast._C, the compiled kernels, could not be imported ({error}); {REBUILD_HINT}") from error
+        raise ImportError(f"phi_fast._C, the compiled kernels, could not be imported ({error}); "
+                          f"{REBUILD_HINT}") from error
     built_torch = _C.torch_version()
     if built_torch != torch.__version__:
         raise ImportError(f"phi_fast._C was built against torch {built_torch} but torch {torch.__version__} is "

@@ -284,7 +284,7 @@ class Engine:
         eos = self.tokenizer.eos_token_id
         for req, row in zip(reqs, logits):
             token = sample(row, req.params, req.generator)
-            if token == eos:
+            if token == eos and not req.params.ignore_eos:
                 self._finish(req, "eos")
                 continue
             req.output_ids.append(token)

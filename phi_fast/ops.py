@@ -74,7 +74,7 @@ def add_layernorm(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, weig
     x, a, b: [T, C]; weight, bias: [C] -> (s: [T, C], y: [T, C]). y is computed from s in fp32,
     before s is rounded to the output dtype.
     """
-    return tuple(_impl(backend).add_layernorm(x, a, b, weight, bias, eps))
+    return _impl(backend).add_layernorm(x, a, b, weight, bias, eps)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh", backend: str = "auto") -> torch.Tensor:

@@ -10,6 +10,10 @@ compute in fp32 and round once).
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +54,7 @@ def _strided(rows: int, cols: int, pad: int, dtype: torch.dtype, seed: int, scal
 
 
 def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    assert out.dtype == ref.dtype and out.shape == ref.shape, f"{what}: {out.dtype} {out.shape} vs {ref.dtype} {ref.shape}"
+    assert (out.dtype, out.shape) == (ref.dtype, ref.shape), f"{what}: {out.dtype} {out.shape} vs {ref.dtype} {ref.shape}"
     assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten elements?)"
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
@@ -312,6 +316,26 @@ def test_rotary_cache_then_paged_attention_equals_prefill(dtype):
     _assert_close(paged, prefill, dtype, "paged vs prefill")
 
 
+def test_attention_portable_tiles_match_reference():
+    """The attention kernels' portable GEMM tiles (used on CPUs without AVX2+FMA), forced by the environment."""
+    code = (
+        "import torch\n"
+        "from phi_fast import ops, reference\n"
+        "torch.manual_seed(0)\n"
+        "for d, lengths in ((64, [17, 40]), (80, [1, 33])):\n"
+        "    q, k, v = torch.randn(3, sum(lengths), 3, d).unbind(0)\n"
+        "    cu = torch.tensor([0] + lengths).cumsum(0).int()\n"
+        "    for causal in (True, False):\n"
+        "        out = ops.prefill_attention(q, k, v, cu, d ** -0.5, causal, backend='cpp')\n"
+        "        torch.testing.assert_close(out, reference.prefill_attention(q, k, v, cu, d ** -0.5, causal),\n"
+        "                                   atol=1e-5, rtol=1e-5)\n"
+    )
+    paths = [str(Path(ops.__file__).parents[1]), os.environ.get("PYTHONPATH")]  # the phi_fast under test
+    env = {**os.environ, "PHI_FAST_CPU_PORTABLE": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 # ---- patch embedding -----------------------------------------------------------------------------------------
 
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073))
@@ -379,7 +403,8 @@ def _error_cases() -> dict[str, tuple]:
                          r"layernorm: weight has dtype float16, expected float32"),
         "weight shape": (lambda: ops.layernorm(x, w[:79], b, 1e-5, backend=CPP), RuntimeError,
                          r"layernorm: weight must have shape \[C\] = \[80\], got \[79\]"),
-        "x rank": (lambda: ops.bias_gelu(x[None], b, backend=CPP), RuntimeError, r"bias_gelu: x must have shape \[T, N\]"),
+        "x rank": (lambda: ops.bias_gelu(x[None], b, backend=CPP), RuntimeError,
+                   r"bias_gelu: x must have shape \[T, N\]"),
         "add shapes": (lambda: ops.add_layernorm(x, x[:3], None, w, b, 1e-5, backend=CPP), RuntimeError,
                        r"add_layernorm: a must have shape \[T, C\] = \[4, 80\], got \[3, 80\]"),
         "last stride": (lambda: ops.bias_quick_gelu(x.t(), torch.randn(4), backend=CPP), RuntimeError,
@@ -391,7 +416,8 @@ def _error_cases() -> dict[str, tuple]:
         "head_dim 96": (lambda: ops.prefill_attention(*(torch.randn(5, 2, 96),) * 3, cu, 0.1, True, backend=CPP),
                         ValueError, r"prefill_attention: unsupported head_dim 96 \(supported: 64, 80\)"),
         "k heads": (lambda: ops.prefill_attention(q, torch.randn(5, 3, 80), q, cu, 0.1, True, backend=CPP),
-                    RuntimeError, r"prefill_attention: k must have shape \[T, H, D\] = \[5, 2, 80\], got \[5, 3, 80\]"),
+                    RuntimeError,
+                    r"prefill_attention: k must have shape \[T, H, D\] = \[5, 2, 80\], got \[5, 3, 80\]"),
         "cu_seqlens end": (lambda: ops.prefill_attention(q, q, q, _cu([4]), 0.1, True, backend=CPP), RuntimeError,
                            r"cu_seqlens\[-1\] must equal the number of tokens 5, got 4"),
         "cu_seqlens dtype": (lambda: ops.prefill_attention(q, q, q, cu.long(), 0.1, True, backend=CPP),

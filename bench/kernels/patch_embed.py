@@ -2,9 +2,10 @@
 
     python -m bench.kernels.patch_embed [--iters N] [--out DIR]
 
-Ours: patchify (normalize + patchify in one pass) -> bf16 GEMM with the conv weight as a matrix ->
-embed_layernorm (class token + position embedding + LayerNorm in one pass). PyTorch: normalize -> conv2d ->
-flatten -> cat class -> + pos -> layer_norm. Also patchify alone vs phi_fast.reference.patchify.
+Ours: phi_fast.ops.patch_embed, the model's path: patchify (normalize + patchify in one pass) -> bf16 GEMM
+with the conv weight as a matrix -> embed_layernorm (class token + position embedding + LayerNorm in one pass).
+PyTorch: normalize -> conv2d -> flatten -> cat class -> + pos -> layer_norm. Also patchify alone vs
+phi_fast.reference.patchify.
 """
 
 from __future__ import annotations
@@ -28,15 +29,13 @@ def make_cases() -> list[Case]:
         mean = torch.tensor(MEAN, device="cuda")
         std = torch.tensor(STD, device="cuda")
         conv = torch.randn(HIDDEN, 3, PATCH, PATCH, device="cuda", dtype=dt) * 0.02
-        weight_t = conv.reshape(HIDDEN, -1).t().contiguous()  # [3 p p, hidden], converted once at load time
         cls = torch.randn(HIDDEN, device="cuda", dtype=dt)
         patches = (SIDE // PATCH) ** 2
         pos = torch.randn(patches + 1, HIDDEN, device="cuda", dtype=dt)
         w, b = torch.ones(HIDDEN, device="cuda", dtype=dt), torch.zeros(HIDDEN, device="cuda", dtype=dt)
 
-        def ours(pixels=pixels, mean=mean, std=std, weight_t=weight_t, cls=cls, pos=pos, w=w, b=b):
-            rows = ops.patchify(pixels, PATCH, mean, std, backend="cpp").to(dt)
-            return ops.embed_layernorm(rows @ weight_t, cls, pos, w, b, EPS, backend="cpp")
+        def ours(pixels=pixels, mean=mean, std=std, conv=conv, cls=cls, pos=pos, w=w, b=b):
+            return ops.patch_embed(pixels, conv, cls, pos, w, b, EPS, PATCH, mean, std, backend="cpp")
 
         def torch_path(pixels=pixels, mean=mean, std=std, conv=conv, cls=cls, pos=pos, w=w, b=b):
             x = ((pixels.float() / 255.0 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).to(dt)

@@ -3,13 +3,12 @@
 // Math, per element with h = x + bias in fp32:
 //   gelu tanh:  0.5 h (1 + tanh(u)), u = sqrt(2/pi) (h + 0.044715 h^3), evaluated as h / (1 + exp(-2u))
 //               (the same function: 0.5 (1 + tanh(u)) = sigmoid(2u)) with the vectorizable exp_f32;
-//   gelu erf:   0.5 h (1 + erf(h / sqrt(2)))  (std::erf);
+//   gelu erf:   0.5 h (1 + erf(h / sqrt(2)))  (erf_f32: vectorizable, absolute error < 6e-7);
 //   quick_gelu: h * sigmoid(1.702 h) = h / (1 + exp(-1.702 h)).
 // Layouts: x: [T, N] with a row stride and unit last stride; bias: [N]; y: [T, N] contiguous.
 // Threads: OpenMP over rows (static); the inner loop over N is unit-stride and vectorizes for fp32.
 #include "cpu/activation.h"
 
-#include <cmath>
 #include <vector>
 
 #include "cpu/kernel_utils.h"
@@ -25,7 +24,7 @@ inline float activate(float h) {
     const float u = 0.7978845608028654f * (h + 0.044715f * h * h * h);
     return h / (1.0f + exp_f32(-2.0f * u));
   } else if constexpr (kind == Activation::gelu_erf) {
-    return 0.5f * h * (1.0f + std::erf(h * 0.7071067811865476f));
+    return 0.5f * h * (1.0f + erf_f32(h * 0.7071067811865476f));
   } else {
     return h / (1.0f + exp_f32(-1.702f * h));
   }

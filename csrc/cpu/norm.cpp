@@ -54,7 +54,7 @@ void layernorm_kernel(T* y, const T* x, int64_t x_stride, const void* weight, co
   {
     std::vector<float> buffer(std::is_same_v<T, float> ? 0 : n);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows - (rows > 16); ++r) {
+    for (int64_t r = 0; r < rows; ++r) {
       const float* s = row_as_float(x + r * x_stride, n, buffer.data());
       normalize_row(y + r * n, s, w.data, b.data, n, eps);
     }

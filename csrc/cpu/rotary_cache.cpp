@@ -41,7 +41,7 @@ void rotary_cache_kernel(T* qkv, int64_t token_stride, int64_t part_stride, int6
     const int64_t row = slot_mapping[t] * num_heads * head_dim;  // the caches are contiguous: slot = row
     for (int64_t h = 0; h < num_heads; ++h) {
       std::memcpy(key_cache + row + h * head_dim, token + part_stride + h * head_stride, head_dim * sizeof(T));
-      if (h > 0) std::memcpy(value_cache + row + h * head_dim, token + 2 * part_stride + h * head_stride,
+      std::memcpy(value_cache + row + h * head_dim, token + 2 * part_stride + h * head_stride,
                   head_dim * sizeof(T));
     }
   }

@@ -79,8 +79,8 @@ void paged_attention(void* out, const void* q, int64_t q_token_stride, int64_t q
   const int64_t cache_row = num_heads * head_dim;  // a cache row (one slot) is [H, D]
   const PagedKeys keys{block_table, block_table_stride, seq_lens, cu_seqlens_q, static_cast<int>(num_seqs),
                        static_cast<int>(page_size)};
-  float* partial_o = static_cast<float*>(workspace);
-  float* partial_ml = partial_o + num_tokens * num_heads * splits * head_dim;
+  float* partial_o = splits > 1 ? static_cast<float*>(workspace) : nullptr;
+  float* partial_ml = splits > 1 ? partial_o + num_tokens * num_heads * splits * head_dim : nullptr;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const RowsParams<T> p{static_cast<T*>(out),

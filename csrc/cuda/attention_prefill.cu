@@ -7,12 +7,13 @@
 //   for keys after the query;  m' = max(m, rowmax S);  P = 2^(S - m');  l = l 2^(m - m') + rowsum P;
 //   O = O 2^(m - m') + P V  (P rounded to the input type for the MMA, O in fp32);  finally out = O / l.
 // Layouts: q, k, v [T, H, D] with strides (token, head, 1); cu_seqlens int32 [S + 1]; out [T, H, D] contiguous.
-// Thread mapping: grid (ceil(T / BLOCK_M) + S, H), 4 warps, BLOCK_M = 64 (16 query rows per warp), BLOCK_N = 64.
-//   Block x takes query tile number (gridDim.x - 1 - x) of the concatenated per-sequence tile lists (warp 0 finds
-//   its sequence with a prefix sum over cu_seqlens; surplus blocks exit), so the last, heaviest causal tiles start
-//   first. Q, K, V tiles are staged in shared memory by cp.async (16 bytes, zero-filled past the sequence end)
-//   with rows padded to D + 8 elements (conflict-free ldmatrix); V(j) loads while S = Q K(j)^T is computed and
-//   K(j+1) loads while P V(j) is. Each warp keeps its Q fragments (D / 16 k-steps, ldmatrix.x4), S (BLOCK_N / 8
+// Thread mapping: grid (H, ceil(T / BLOCK_M) + S), 4 warps, BLOCK_M = 64 (16 query rows per warp), BLOCK_N = 64.
+//   Block (h, y) takes query tile number (gridDim.y - 1 - y) of the concatenated per-sequence tile lists (warp 0
+//   finds its sequence with a prefix sum over cu_seqlens; surplus blocks exit): heads vary fastest in launch
+//   order and tiles go from last to first, so the heaviest causal tiles of every head start first.
+//   Q, K, V tiles are staged in shared memory by cp.async (16 bytes, zero-filled past the sequence end) with rows
+//   padded to D + 8 elements (conflict-free ldmatrix); V(j) loads while S = Q K(j)^T is computed and K(j+1)
+//   loads while P V(j) is. Each warp keeps its Q fragments (D / 16 k-steps, ldmatrix.x4), S (BLOCK_N / 8
 //   n-tiles of m16n8) and O (D / 8 n-tiles) in registers: mma.sync.m16n8k16, K fragments by ldmatrix.x4, V by
 //   ldmatrix.x4.trans, and P reused in registers as the A operand of P V. The head dim is the MMA k-dim of Q K^T
 //   (80 = 5 k-steps of 16: no padding) and the n-dim of P V (80 = 10 n-tiles of 8).
@@ -161,12 +162,12 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(FlashParams p
   const int tid = threadIdx.x;
   const int lane = tid % 32;
   const int warp = tid / 32;
-  const int head = blockIdx.y;
-  const int num_heads = gridDim.y;
+  const int head = blockIdx.x;
+  const int num_heads = gridDim.x;
 
   if (warp == 0) {
     int seq, q_tile;
-    find_tile(p.cu_seqlens, p.num_seqs, static_cast<int>(gridDim.x - 1 - blockIdx.x), seq, q_tile);
+    find_tile(p.cu_seqlens, p.num_seqs, static_cast<int>(gridDim.y - 1 - blockIdx.y), seq, q_tile);
     if (lane == 0) {
       tile_info[0] = seq;
       tile_info[1] = q_tile;
@@ -349,7 +350,13 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(FlashParams p
 template <typename T>
 void launch_flash(const FlashParams& p, int64_t num_tokens, int64_t num_seqs, int64_t num_heads, int64_t head_dim,
                   cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(num_tokens, kBlockM) + num_seqs), static_cast<unsigned>(num_heads));
+  const int64_t tiles = ceil_div(num_tokens, kBlockM) + num_seqs;
+  if (tiles > 65535) {  // gridDim.y limit
+    throw std::invalid_argument("phi_fast CUDA prefill_attention: " + std::to_string(num_tokens) + " tokens in " +
+                                std::to_string(num_seqs) + " sequences exceed one launch (at most 65535 query " +
+                                "tiles of " + std::to_string(kBlockM) + "); split the batch");
+  }
+  const dim3 grid(static_cast<unsigned>(num_heads), static_cast<unsigned>(tiles));
   if (head_dim == 64) {
     flash_attention_kernel<T, 64><<<grid, kThreads, 0, stream>>>(p);
   } else if (head_dim == 80) {

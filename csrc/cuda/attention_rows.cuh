@@ -52,7 +52,8 @@ __device__ __forceinline__ int find_sequence(const int32_t* cu, int num_seqs, in
 }
 
 // Paged cache: queries of sequence s are its last q_len cached positions; query i of them sees
-// positions <= seq_lens[s] - q_len + i; position p lives in row block_table[s, p / page_size] * page_size + p % page_size.
+// positions <= seq_lens[s] - q_len + i; position p lives in cache row
+// block_table[s, p / page_size] * page_size + p % page_size.
 struct PagedKeys {
   const int32_t* block_table;
   int64_t block_table_stride;

@@ -4,7 +4,8 @@
 // Math (all in fp32, output rounded to the tensor dtype):
 //   row r of the input, v[0..C):  layernorm: v = x[r]
 //                                 add_layernorm: v = (a[r] + b[r]) + x[r]  (b optional), s[r] = round(v)
-//                                 embed_layernorm: r = (image i, token n): v = (n == 0 ? class : patches[i, n-1]) + pos[n]
+//                                 embed_layernorm: r = (image i, token n):
+//                                   v = (n == 0 ? class : patches[i, n - 1]) + pos[n]
 //   mean = sum(v) / C;  var = sum((v - mean)^2) / C  (two passes over registers, no cancellation);
 //   y[r] = (v - mean) * rsqrt(var + eps) * weight + bias.
 // Layouts: inputs [rows, C] with a row stride (last dim unit stride); s, y [rows, C] contiguous;

@@ -3,7 +3,7 @@
 //
 // Math: out[b, py * (W/p) + px, c * p * p + ky * p + kx] = f(pixels[b, c, py * p + ky, px * p + kx]) with
 //   patchify:       f(x) = x (same dtype, exact copy);
-//   patchify_uint8: f(x) = (x / 255 - mean[c]) / std[c] in fp32, in this order (IEEE division, as the reference).
+//   patchify_uint8: f(x) = (x / 255 - mean[c]) / std[c] in fp32, in this order (IEEE divisions).
 // Layouts: pixels [B, C, H, W] with any element strides (NCHW, or a permuted HWC image); mean, std fp32 [C];
 //   out [B, N, C*p*p] contiguous, N = (H/p) * (W/p).
 // Thread mapping: one block per output row (b, n); its threads walk the C*p*p columns with stride blockDim, so

@@ -21,7 +21,9 @@ at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Te
   const float e = static_cast<float>(eps);
   dispatch_device(
       ctx,
-      [&] { cpu::layernorm(y.data_ptr(), x.data_ptr(), x.stride(0), weight.data_ptr(), bias.data_ptr(), T, C, e, ctx.dtype); },
+      [&] {
+        cpu::layernorm(y.data_ptr(), x.data_ptr(), x.stride(0), weight.data_ptr(), bias.data_ptr(), T, C, e, ctx.dtype);
+      },
       [&]([[maybe_unused]] void* stream) {
         PHI_FAST_CUDA_ONLY(cuda::layernorm(y.data_ptr(), x.data_ptr(), x.stride(0), weight.data_ptr(),
                                            bias.data_ptr(), T, C, e, ctx.dtype, stream);)

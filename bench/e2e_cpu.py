@@ -1,0 +1,328 @@
+"""End to end on the CPU, fp32: phi_fast's engine against transformers' generate on the same random weights.
+
+    python -m bench.e2e_cpu [--vocab 51200] [--new-tokens 64] [--reps 3] [--threads 2] [--out DIR] [--profile]
+
+The model is a mid-size LLaVA-Phi built with transformers (LlavaForConditionalGeneration: Phi text model with
+hidden 1024, 16 heads x 64, partial rotary 0.5 -> 32, 8 layers, intermediate 4096; CLIP 224px / patch 14 with
+hidden 512, 8 heads, 4 layers, read at hidden_states[-2]; mlp2x_gelu projector), weights drawn by
+phi_fast.checkpoint_writer.random_tensor, saved with save_pretrained (the llava_hf layout) and loaded by
+phi_fast.load. The lm_head rows of EOS and of the image token are zeroed on both sides, so neither is ever the
+greedy choice and both stacks generate exactly --new-tokens tokens.
+
+Measured in the same run, each median of --reps after a warm-up:
+- batch 1: time to first token (image encode + prefill) and decode tokens/s = (N - 1) / (time after the first
+  token); transformers' split is generate(max_new_tokens=1) vs generate(max_new_tokens=N), and the greedy tokens
+  of both stacks are compared (reported, not enforced);
+- batch 8: 8 different requests (images and questions) submitted together vs the same 8 one after another, and
+  against transformers' generate on the 8 left-padded together; throughput = generated tokens / wall time,
+  image encodes and prefills included.
+The weights-read floor of batch-1 decode is (bytes read per token: every decoder weight, lm_head and the KV
+cache at the mean context) / the measured copy bandwidth.
+
+OMP_WAIT_POLICY defaults to "passive" here (set before torch loads OpenMP): the C++ kernels' OpenMP team and
+torch's contend when threads spin (bench/NOTES.md). The value in effect is recorded in the results.
+Writes bench/results/e2e_cpu-cpu-<date>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch (and its libgomp) loads; see the docstring
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import pstats  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, PhiConfig  # noqa: E402
+
+import phi_fast  # noqa: E402
+from bench.common import RESULTS, git_commit  # noqa: E402
+from phi_fast.checkpoint_writer import random_tensor  # noqa: E402
+from phi_fast.image import load_image, preprocess  # noqa: E402
+from phi_fast.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt  # noqa: E402
+from phi_fast.sampling import SamplingParams  # noqa: E402
+from phi_fast.tokenizer import Tokenizer, write_demo_tokenizer  # noqa: E402
+
+log = logging.getLogger("phi_fast.bench")
+
+TEXT = dict(hidden_size=1024, num_attention_heads=16, partial_rotary_factor=0.5, num_hidden_layers=8,
+            intermediate_size=4096, max_position_embeddings=2048)
+VISION = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8, image_size=224,
+              patch_size=14, projection_dim=512)
+QUESTIONS = ("What is in this picture?", "Describe the image in detail.", "What colour is the sky?",
+             "How many people are there?", "Is there a dog in the kitchen?", "What is the cat doing on the sofa?",
+             "Where was this photo taken?", "What time of day is it, and why do you think so?")
+
+
+# --- the model --------------------------------------------------------------------------------------------
+
+def build_checkpoint(folder: Path, vocab: int, seed: int = 0) -> LlavaForConditionalGeneration:
+    """Write a random mid-size llava_hf checkpoint + demo tokenizer to folder; return the fp32 transformers model."""
+    write_demo_tokenizer(folder)
+    eos = Tokenizer.from_dir(folder).eos_token_id
+    image_token = vocab - 1
+    text = PhiConfig(vocab_size=vocab, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, **TEXT)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                         image_token_index=image_token)
+    config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    llava = LlavaForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in llava.named_parameters():
+            p.copy_(random_tensor(name, tuple(p.shape), generator))
+        llava.lm_head.weight[[image_token, eos]] = 0.0  # never chosen: both stacks always generate N tokens
+    llava.generation_config.pad_token_id = eos
+    llava.save_pretrained(folder)
+    return llava
+
+
+def decode_bytes(llava: LlavaForConditionalGeneration, context: int) -> int:
+    """Bytes one batch-1 decode step must read: the decoder's weights, lm_head, one embedding row, the KV cache."""
+    text = llava.config.text_config
+    lm = llava.model.language_model
+    weights = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if not n.startswith("embed_tokens"))
+    weights += llava.lm_head.weight.numel() * llava.lm_head.weight.element_size()
+    weights += text.hidden_size * 4  # the new token's embedding row
+    kv = 2 * text.num_hidden_layers * context * text.hidden_size * 4
+    return weights + kv
+
+
+def requests(model: phi_fast.Model, n: int) -> list[tuple[list[int], torch.Tensor]]:
+    """n different (prompt ids with the image marker, preprocessed pixels [3, S, S]) pairs."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        w, h = (320, 240) if i % 2 else (240, 300)
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+        px = preprocess(load_image(img), image_size=model.config.vision.image_size,
+                        pad_to_square=model.config.pad_to_square)
+        ids = tokenize_prompt(model.tokenizer, build_prompt(QUESTIONS[i % len(QUESTIONS)], with_image=True))
+        out.append((ids, px))
+    return out
+
+
+def hf_ids(ids: list[int], image_token: int, n_image: int) -> list[int]:
+    """Our prompt ids with each image marker expanded to n_image image tokens (what Llava's forward expects)."""
+    out: list[int] = []
+    for t in ids:
+        out.extend([image_token] * n_image if t == IMAGE_TOKEN_INDEX else [t])
+    return out
+
+
+# --- timing -----------------------------------------------------------------------------------------------
+
+def ours_single(model: phi_fast.Model, ids: list[int], px: torch.Tensor, n: int) -> dict[str, object]:
+    """One request through the engine: encode ms (in add), ttft s (add + prefill step), decode s, tokens."""
+    engine, params = model.engine, SamplingParams(max_new_tokens=n, ignore_eos=True)
+    t0 = time.perf_counter()
+    req = engine.add(ids, [px], params)
+    t1 = time.perf_counter()
+    engine.step()  # prefill: the first token
+    t2 = time.perf_counter()
+    while not req.finished:
+        engine.step()
+    t3 = time.perf_counter()
+    if req.error is not None:
+        raise req.error
+    return {"encode": t1 - t0, "ttft": t2 - t0, "decode": t3 - t2, "tokens": list(req.output_ids)}
+
+
+def ours_batch(model: phi_fast.Model, reqs: list[tuple[list[int], torch.Tensor]], n: int) -> int:
+    """All requests submitted together, run to the end; returns the generated token count."""
+    params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+    submitted = [model.engine.add(ids, [px], params) for ids, px in reqs]
+    model.engine.run()
+    for r in submitted:
+        if r.error is not None:
+            raise r.error
+    return sum(len(r.output_ids) for r in submitted)
+
+
+def hf_generate(llava: LlavaForConditionalGeneration, ids: list[list[int]], px: torch.Tensor, n: int,
+                pad: int) -> torch.Tensor:
+    """Greedy generate of exactly n tokens for left-padded prompts; returns the new tokens [B, n]."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    with torch.inference_mode():
+        out = llava.generate(input_ids=input_ids, attention_mask=mask, pixel_values=px, max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False)
+    return out[:, width:]
+
+
+def median_time(fn: Callable[[], object], reps: int, warmup: bool = True) -> tuple[float, object]:
+    """Median wall seconds of reps calls of fn (after one warm-up call unless warmup=False), and the last result."""
+    if warmup:
+        fn()
+    times, result = [], None
+    for _ in range(reps):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
+
+
+def measure_ceilings(reps: int = 10) -> dict[str, float]:
+    """copy_gbps: a 256 MiB memcpy (bytes read + written per second); fp32_gflops: a 2048^3 fp32 matmul."""
+    n = 1 << 28
+    src, dst = torch.ones(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+    copy_s, _ = median_time(lambda: dst.copy_(src), reps)
+    m = 2048
+    a, b = torch.randn(m, m), torch.randn(m, m)
+    mm_s, _ = median_time(lambda: a @ b, reps)
+    return {"copy_gbps": round(2 * n / copy_s / 1e9, 1), "fp32_gflops": round(2 * m ** 3 / mm_s / 1e9, 1)}
+
+
+# --- the benchmark ----------------------------------------------------------------------------------------
+
+def batch1(model: phi_fast.Model, llava: LlavaForConditionalGeneration, req: tuple[list[int], torch.Tensor],
+           n: int, reps: int, pad: int, ceilings: dict[str, float]) -> dict[str, object]:
+    ids, px = req
+    ours_single(model, ids, px, 8)  # warm-up
+    runs = [ours_single(model, ids, px, n) for _ in range(reps)]
+    ttft = statistics.median(r["ttft"] for r in runs)
+    decode = statistics.median(r["decode"] for r in runs)
+    encode = statistics.median(r["encode"] for r in runs)
+    full = hf_ids(ids, llava.config.image_token_index, model.llava.image_tokens)
+    hf_ttft, _ = median_time(lambda: hf_generate(llava, [full], px[None], 1, pad), reps)
+    hf_total, hf_tokens = median_time(lambda: hf_generate(llava, [full], px[None], n, pad), reps)
+    ours_tokens, theirs = runs[-1]["tokens"], hf_tokens[0].tolist()
+    same = next((i for i, (a, b) in enumerate(zip(ours_tokens, theirs)) if a != b), min(len(ours_tokens), len(theirs)))
+    tok_s, hf_tok_s = (n - 1) / decode, (n - 1) / (hf_total - hf_ttft)
+    nbytes = decode_bytes(llava, len(full) + n // 2)
+    floor = ceilings["copy_gbps"] * 1e9 / nbytes
+    return {"name": "decode batch 1", "shape": f"{len(full)}-token prompt (1 image) + {n} new", "dtype": "fp32",
+            "tok_s": round(tok_s, 2), "ttft_ms": round(ttft * 1e3, 1), "encode_ms": round(encode * 1e3, 1),
+            "floor_tok_s": round(floor, 2), "bytes_per_token_mb": round(nbytes / 1e6, 1),
+            "gbps": round(nbytes * tok_s / 1e9, 2), "pct_floor": round(100 * tok_s / floor, 1),
+            "baseline": f"transformers {transformers.__version__} generate (sdpa)",
+            "baseline_tok_s": round(hf_tok_s, 2), "baseline_ttft_ms": round(hf_ttft * 1e3, 1),
+            "speedup": round(tok_s / hf_tok_s, 2), "ttft_speedup": round(hf_ttft / ttft, 2),
+            "greedy_match": f"{same}/{n}"}
+
+
+def batch8(model: phi_fast.Model, llava: LlavaForConditionalGeneration, reqs: list[tuple[list[int], torch.Tensor]],
+           n: int, reps: int, pad: int) -> list[dict[str, object]]:
+    count = len(reqs) * n
+    # warm-ups: batch1 ran both stacks on these shapes already
+    batched_s, got = median_time(lambda: ours_batch(model, reqs, n), reps, warmup=False)
+    if got != count:
+        raise RuntimeError(f"batched run generated {got} tokens, expected {count}")
+    sequential_s, _ = median_time(lambda: [ours_batch(model, [r], n) for r in reqs], reps, warmup=False)
+    image_token, n_image = llava.config.image_token_index, model.llava.image_tokens
+    full = [hf_ids(ids, image_token, n_image) for ids, _ in reqs]
+    pixels = torch.stack([px for _, px in reqs])
+    hf_s, _ = median_time(lambda: hf_generate(llava, full, pixels, n, pad), reps, warmup=False)
+    shape = f"{len(reqs)} requests x ({min(map(len, full))}-{max(map(len, full))} prompt + {n} new)"
+    tok_s = count / batched_s
+    return [
+        {"name": f"batch {len(reqs)}: together vs one after another", "shape": shape, "dtype": "fp32",
+         "tok_s": round(tok_s, 2), "baseline": f"phi_fast, the {len(reqs)} one after another",
+         "baseline_tok_s": round(count / sequential_s, 2), "speedup": round(sequential_s / batched_s, 2)},
+        {"name": f"batch {len(reqs)}: together vs transformers", "shape": shape, "dtype": "fp32",
+         "tok_s": round(tok_s, 2),
+         "baseline": f"transformers {transformers.__version__} generate (sdpa), the {len(reqs)} left-padded together",
+         "baseline_tok_s": round(count / hf_s, 2), "speedup": round(hf_s / batched_s, 2)},
+    ]
+
+
+def profile_decode(model: phi_fast.Model, req: tuple[list[int], torch.Tensor], steps: int = 16) -> None:
+    """Print a cProfile of `steps` batch-1 decode steps (by own time)."""
+    ids, px = req
+    r = model.engine.add(ids, [px], SamplingParams(max_new_tokens=steps + 1, ignore_eos=True))
+    model.engine.step()
+    prof = cProfile.Profile()
+    prof.enable()
+    while not r.finished:
+        model.engine.step()
+    prof.disable()
+    print(f"cProfile of {steps} decode steps at batch 1 (own time):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+def markdown(report: dict[str, object]) -> str:
+    c = report["ceilings"]
+    lines = [f"# {report['suite']} on {report['gpu']} ({report['date']}, commit {report['commit']}, torch "
+             f"{report['torch']}, {report['threads']} threads, OMP_WAIT_POLICY={report['omp_wait_policy']})", "",
+             f"Model: {report['model']}", "",
+             f"Ceilings: copy {c['copy_gbps']} GB/s (read + write), fp32 matmul {c['fp32_gflops']} GFLOP/s.", "",
+             "| name | shape | tok/s | TTFT ms | floor tok/s | baseline | baseline tok/s | baseline TTFT ms | speedup |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in report["results"]:
+        lines.append(f"| {r['name']} | {r['shape']} | {r['tok_s']} | {r.get('ttft_ms', '')} | "
+                     f"{r.get('floor_tok_s', '')} | {r['baseline']} | {r['baseline_tok_s']} | "
+                     f"{r.get('baseline_ttft_ms', '')} | {r['speedup']}x |")
+    b1 = report["results"][0]
+    lines += ["", f"Batch 1: image encode {b1['encode_ms']} ms of the TTFT; decode reads {b1['bytes_per_token_mb']} MB "
+              f"per token, {b1['gbps']} GB/s achieved = {b1['pct_floor']}% of the copy-bandwidth floor; TTFT "
+              f"{b1['ttft_speedup']}x transformers'; greedy tokens equal to transformers' for the first "
+              f"{b1['greedy_match']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e_cpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vocab", type=int, default=51200, help="text vocabulary (51200 = Phi-2's)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (N)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median)")
+    parser.add_argument("--batch", type=int, default=8, help="requests in the batched measurement")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both stacks")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files")
+    parser.add_argument("--profile", action="store_true", help="only print a cProfile of batch-1 decode steps")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="phi_fast_e2e_cpu_") as tmp:
+        llava = build_checkpoint(Path(tmp), args.vocab)
+        model = phi_fast.load(tmp, progress=False)
+    pad = llava.generation_config.pad_token_id
+    reqs = requests(model, args.batch)
+    if args.profile:
+        ours_single(model, *reqs[0], 4)
+        profile_decode(model, reqs[0])
+        return {}
+    ceilings = measure_ceilings()
+    log.info("ceilings: %s", ceilings)
+    results = [batch1(model, llava, reqs[0], args.new_tokens, args.reps, pad, ceilings)]
+    log.info("%s", results[0])
+    results += batch8(model, llava, reqs, args.new_tokens, max(1, args.reps // 2), pad)
+    log.info("%s", results[1:])
+    date = datetime.date.today().isoformat()
+    t, v = TEXT, VISION
+    report = {"suite": "e2e_cpu", "gpu": f"cpu-{os.cpu_count()}core", "torch": torch.__version__, "cuda": None,
+              "commit": git_commit(), "date": date, "threads": torch.get_num_threads(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "attn_implementation": llava.config.text_config._attn_implementation,
+              "model": (f"Phi hidden {t['hidden_size']}, {t['num_attention_heads']} heads x "
+                        f"{t['hidden_size'] // t['num_attention_heads']} (rotary "
+                        f"{int(t['partial_rotary_factor'] * t['hidden_size'] // t['num_attention_heads'])}), "
+                        f"{t['num_hidden_layers']} layers, intermediate {t['intermediate_size']}, vocab {args.vocab}; "
+                        f"CLIP {v['image_size']}px/{v['patch_size']}, hidden {v['hidden_size']}, "
+                        f"{v['num_attention_heads']} heads, {v['num_hidden_layers']} layers; random weights, fp32"),
+              "ceilings": ceilings, "results": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"e2e_cpu-{report['gpu']}-{date}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    log.info("wrote %s.json and .md", stem)
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
