@@ -105,7 +105,6 @@ class Engine:
         if length >= self.context:
             raise ValueError(f"prompt is {length} tokens ({n_markers} images x {n_img} rows included); "
                              f"the context is {self.context} and at least one token must be generated")
-        rows = list(self.model.encode_images(torch.stack(pixels))) if pixels else []
         digests = iter(hashlib.sha1(p.cpu().contiguous().numpy().tobytes()).hexdigest() for p in pixels)
         keys: list[Hashable] = []
         for t in prompt_ids:
@@ -114,8 +113,8 @@ class Engine:
                 keys.extend((d, r) for r in range(n_img))
             else:
                 keys.append(t)
-        req = Request(next(self._ids), keys, self.model.embed_prompt(prompt_ids, rows), params,
-                      params.make_generator(), keep_cache=keep_cache)
+        embeds = self.model.embed_prompt(prompt_ids, torch.stack(pixels) if pixels else None)
+        req = Request(next(self._ids), keys, embeds, params, params.make_generator(), keep_cache=keep_cache)
         self.waiting.append(req)
         return req
 

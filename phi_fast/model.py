@@ -89,13 +89,17 @@ class Projector:
     def __init__(self, w: Weights):
         self.w = w
 
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        """features: [B, N, Cv] -> [B, N, C]."""
+    def __call__(self, features: torch.Tensor, out: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        """features: [B, N, Cv] -> [B, N, C]; or written into out (B views of [N, C]) with no extra copy."""
         w = self.w
         b, n, cv = features.shape
         h = F.linear(features.reshape(b * n, cv), w["projector.fc1.weight"])
-        h = ops.bias_gelu(h, w["projector.fc1.bias"], approximate="none")
-        return F.linear(h, w["projector.fc2.weight"], w["projector.fc2.bias"]).view(b, n, -1)
+        h = ops.bias_gelu(h, w["projector.fc1.bias"], approximate="none")  # [B * N, Cp]
+        if out is None:
+            return F.linear(h, w["projector.fc2.weight"], w["projector.fc2.bias"]).view(b, n, -1)
+        for i, dst in enumerate(out):
+            torch.addmm(w["projector.fc2.bias"], h[i * n:(i + 1) * n], w["projector.fc2.weight"].t(), out=dst)
+        return None
 
 
 class PhiDecoder:
@@ -159,13 +163,18 @@ class LlavaPhi:
         """pixels: [B, 3, S, S] -> [B, image_tokens, C] projected image embeddings."""
         return self.projector(self.vision(pixels.to(self.device)))
 
-    def embed_prompt(self, token_ids: list[int], images: list[torch.Tensor]) -> torch.Tensor:
-        """token_ids with IMAGE_TOKEN_INDEX markers; images: one [image_tokens, C] per marker -> [T, C]."""
+    @torch.inference_mode()
+    def embed_prompt(self, token_ids: list[int], pixels: torch.Tensor | None) -> torch.Tensor:
+        """token_ids with IMAGE_TOKEN_INDEX markers; pixels: [B, 3, S, S], one image per marker -> [T, C].
+
+        The projector writes each image's rows straight into the prompt's embedding buffer.
+        """
         ids = torch.tensor(token_ids, dtype=torch.int64)
         is_image = ids == IMAGE_TOKEN_INDEX
         n_markers = int(is_image.sum())
-        if n_markers != len(images):
-            raise ValueError(f"prompt has {n_markers} image markers but {len(images)} images were given")
+        n_images = 0 if pixels is None else pixels.shape[0]
+        if n_markers != n_images:
+            raise ValueError(f"prompt has {n_markers} image markers but {n_images} images were given")
         n_img = self.image_tokens
         text_rows = self.decoder.embed(ids[~is_image].to(self.device))  # [T_text, C]
         out = torch.empty(len(token_ids) + n_markers * (n_img - 1), text_rows.shape[1],
@@ -173,8 +182,8 @@ class LlavaPhi:
         # Each marker becomes n_img rows: row of token j = j + (n_img - 1) * (markers before j).
         row = torch.arange(len(token_ids)) + (n_img - 1) * (torch.cumsum(is_image.long(), 0) - is_image.long())
         out[row[~is_image].to(self.device)] = text_rows
-        for start, img in zip(row[is_image].tolist(), images):
-            out[start:start + n_img] = img
+        if n_markers:
+            self.projector(self.vision(pixels.to(self.device)), [out[r:r + n_img] for r in row[is_image].tolist()])
         return out
 
     @torch.inference_mode()

@@ -84,7 +84,7 @@ def _prompt(model: phi_fast.Model, question: str, image_seed: int = 0) -> tuple[
 def _prefill_logits(model: phi_fast.Model, ids: list[int], px: torch.Tensor) -> torch.Tensor:
     """Our [T, V] logits of the whole prompt, through the paged cache."""
     llava, t = model.llava, model.config.text
-    embeds = llava.embed_prompt(ids, list(llava.encode_images(px[None])))
+    embeds = llava.embed_prompt(ids, px[None])
     n = embeds.shape[0]
     pool = PagePool(num_layers=t.num_layers, num_heads=t.num_heads, head_dim=t.head_dim, num_pages=n // 16 + 1)
     seq = SequencePages()
