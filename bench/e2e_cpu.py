@@ -165,27 +165,42 @@ def hf_generate(llava: LlavaForConditionalGeneration, ids: list[list[int]], px: 
     return out[:, width:]
 
 
-def median_time(fn: Callable[[], object], reps: int, warmup: bool = True) -> tuple[float, object]:
-    """Median wall seconds of reps calls of fn (after one warm-up call unless warmup=False), and the last result."""
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Wall seconds of one call of fn, and its result."""
+    t = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t, result
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: bool = True) -> dict[str, list]:
+    """Runs every fn once per repetition, in turn (so load drift on a shared machine hits all of them alike);
+    returns name -> [(seconds, result)] of the timed repetitions. With warmup, one untimed round first."""
     if warmup:
-        fn()
-    times, result = [], None
+        for fn in fns.values():
+            fn()
+    out: dict[str, list] = {name: [] for name in fns}
     for _ in range(reps):
-        t = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), result
+        for name, fn in fns.items():
+            out[name].append(timed(fn))
+    return out
+
+
+def median_s(runs: list[tuple[float, object]]) -> float:
+    return statistics.median(t for t, _ in runs)
 
 
 def measure_ceilings(reps: int = 10) -> dict[str, float]:
-    """copy_gbps: a 256 MiB memcpy (bytes read + written per second); fp32_gflops: a 2048^3 fp32 matmul."""
+    """copy_gbps: a 256 MiB memcpy (bytes read + written per second); read_gbps: a sum over 256 MiB of fp32
+    (a read-only stream, like a GEMV's weights); fp32_gflops: a 2048^3 fp32 matmul. Medians of reps."""
     n = 1 << 28
     src, dst = torch.ones(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
-    copy_s, _ = median_time(lambda: dst.copy_(src), reps)
+    x = torch.ones(n // 4)
     m = 2048
     a, b = torch.randn(m, m), torch.randn(m, m)
-    mm_s, _ = median_time(lambda: a @ b, reps)
-    return {"copy_gbps": round(2 * n / copy_s / 1e9, 1), "fp32_gflops": round(2 * m ** 3 / mm_s / 1e9, 1)}
+    runs = interleaved({"copy": lambda: dst.copy_(src), "read": lambda: x.sum(), "mm": lambda: a @ b}, reps)
+    return {"copy_gbps": round(2 * n / median_s(runs["copy"]) / 1e9, 1),
+            "read_gbps": round(n / median_s(runs["read"]) / 1e9, 1),
+            "fp32_gflops": round(2 * m ** 3 / median_s(runs["mm"]) / 1e9, 1)}
 
 
 # --- the benchmark ----------------------------------------------------------------------------------------
@@ -193,23 +208,24 @@ def measure_ceilings(reps: int = 10) -> dict[str, float]:
 def batch1(model: phi_fast.Model, llava: LlavaForConditionalGeneration, req: tuple[list[int], torch.Tensor],
            n: int, reps: int, pad: int, ceilings: dict[str, float]) -> dict[str, object]:
     ids, px = req
-    ours_single(model, ids, px, 8)  # warm-up
-    runs = [ours_single(model, ids, px, n) for _ in range(reps)]
-    ttft = statistics.median(r["ttft"] for r in runs)
-    decode = statistics.median(r["decode"] for r in runs)
-    encode = statistics.median(r["encode"] for r in runs)
     full = hf_ids(ids, llava.config.image_token_index, model.llava.image_tokens)
-    hf_ttft, _ = median_time(lambda: hf_generate(llava, [full], px[None], 1, pad), reps)
-    hf_total, hf_tokens = median_time(lambda: hf_generate(llava, [full], px[None], n, pad), reps)
-    ours_tokens, theirs = runs[-1]["tokens"], hf_tokens[0].tolist()
+    runs = interleaved({"ours": lambda: ours_single(model, ids, px, n),
+                        "hf_first": lambda: hf_generate(llava, [full], px[None], 1, pad),
+                        "hf_all": lambda: hf_generate(llava, [full], px[None], n, pad)}, reps)
+    ours = [r for _, r in runs["ours"]]
+    ttft, decode = (statistics.median(r[k] for r in ours) for k in ("ttft", "decode"))
+    encode = statistics.median(r["encode"] for r in ours)
+    hf_ttft, hf_total = median_s(runs["hf_first"]), median_s(runs["hf_all"])
+    ours_tokens, theirs = ours[-1]["tokens"], runs["hf_all"][-1][1][0].tolist()
     same = next((i for i, (a, b) in enumerate(zip(ours_tokens, theirs)) if a != b), min(len(ours_tokens), len(theirs)))
     tok_s, hf_tok_s = (n - 1) / decode, (n - 1) / (hf_total - hf_ttft)
     nbytes = decode_bytes(llava, len(full) + n // 2)
     floor = ceilings["copy_gbps"] * 1e9 / nbytes
     return {"name": "decode batch 1", "shape": f"{len(full)}-token prompt (1 image) + {n} new", "dtype": "fp32",
             "tok_s": round(tok_s, 2), "ttft_ms": round(ttft * 1e3, 1), "encode_ms": round(encode * 1e3, 1),
-            "floor_tok_s": round(floor, 2), "bytes_per_token_mb": round(nbytes / 1e6, 1),
-            "gbps": round(nbytes * tok_s / 1e9, 2), "pct_floor": round(100 * tok_s / floor, 1),
+            "floor_tok_s": round(floor, 2), "floor_read_tok_s": round(ceilings["read_gbps"] * 1e9 / nbytes, 2),
+            "bytes_per_token_mb": round(nbytes / 1e6, 1), "gbps": round(nbytes * tok_s / 1e9, 2),
+            "pct_floor": round(100 * tok_s / floor, 1),
             "baseline": f"transformers {transformers.__version__} generate (sdpa)",
             "baseline_tok_s": round(hf_tok_s, 2), "baseline_ttft_ms": round(hf_ttft * 1e3, 1),
             "speedup": round(tok_s / hf_tok_s, 2), "ttft_speedup": round(hf_ttft / ttft, 2),
@@ -219,25 +235,26 @@ def batch1(model: phi_fast.Model, llava: LlavaForConditionalGeneration, req: tup
 def batch8(model: phi_fast.Model, llava: LlavaForConditionalGeneration, reqs: list[tuple[list[int], torch.Tensor]],
            n: int, reps: int, pad: int) -> list[dict[str, object]]:
     count = len(reqs) * n
-    # warm-ups: batch1 ran both stacks on these shapes already
-    batched_s, got = median_time(lambda: ours_batch(model, reqs, n), reps, warmup=False)
-    if got != count:
-        raise RuntimeError(f"batched run generated {got} tokens, expected {count}")
-    sequential_s, _ = median_time(lambda: [ours_batch(model, [r], n) for r in reqs], reps, warmup=False)
     image_token, n_image = llava.config.image_token_index, model.llava.image_tokens
     full = [hf_ids(ids, image_token, n_image) for ids, _ in reqs]
     pixels = torch.stack([px for _, px in reqs])
-    hf_s, _ = median_time(lambda: hf_generate(llava, full, pixels, n, pad), reps, warmup=False)
+    runs = interleaved({"together": lambda: ours_batch(model, reqs, n),
+                        "sequential": lambda: sum(ours_batch(model, [r], n) for r in reqs),
+                        "hf": lambda: hf_generate(llava, full, pixels, n, pad).numel()},
+                       reps, warmup=False)  # batch1 warmed both stacks up on these shapes
+    for name, rs in runs.items():
+        if any(got != count for _, got in rs):
+            raise RuntimeError(f"{name}: generated {[got for _, got in rs]} tokens, expected {count} each time")
+    together, sequential, hf = (median_s(runs[k]) for k in ("together", "sequential", "hf"))
     shape = f"{len(reqs)} requests x ({min(map(len, full))}-{max(map(len, full))} prompt + {n} new)"
-    tok_s = count / batched_s
+    tok_s = round(count / together, 2)
     return [
         {"name": f"batch {len(reqs)}: together vs one after another", "shape": shape, "dtype": "fp32",
-         "tok_s": round(tok_s, 2), "baseline": f"phi_fast, the {len(reqs)} one after another",
-         "baseline_tok_s": round(count / sequential_s, 2), "speedup": round(sequential_s / batched_s, 2)},
-        {"name": f"batch {len(reqs)}: together vs transformers", "shape": shape, "dtype": "fp32",
-         "tok_s": round(tok_s, 2),
+         "tok_s": tok_s, "baseline": f"phi_fast, the {len(reqs)} one after another",
+         "baseline_tok_s": round(count / sequential, 2), "speedup": round(sequential / together, 2)},
+        {"name": f"batch {len(reqs)}: together vs transformers", "shape": shape, "dtype": "fp32", "tok_s": tok_s,
          "baseline": f"transformers {transformers.__version__} generate (sdpa), the {len(reqs)} left-padded together",
-         "baseline_tok_s": round(count / hf_s, 2), "speedup": round(hf_s / batched_s, 2)},
+         "baseline_tok_s": round(count / hf, 2), "speedup": round(hf / together, 2)},
     ]
 
 
@@ -260,7 +277,9 @@ def markdown(report: dict[str, object]) -> str:
     lines = [f"# {report['suite']} on {report['gpu']} ({report['date']}, commit {report['commit']}, torch "
              f"{report['torch']}, {report['threads']} threads, OMP_WAIT_POLICY={report['omp_wait_policy']})", "",
              f"Model: {report['model']}", "",
-             f"Ceilings: copy {c['copy_gbps']} GB/s (read + write), fp32 matmul {c['fp32_gflops']} GFLOP/s.", "",
+             f"Ceilings: copy {c['copy_gbps']} GB/s (read + write), read {c['read_gbps']} GB/s, fp32 matmul "
+             f"{c['fp32_gflops']} GFLOP/s. Load average (1 min) before / after: {report['loadavg_1min']['before']} / "
+             f"{report['loadavg_1min']['after']} (a shared machine).", "",
              "| name | shape | tok/s | TTFT ms | floor tok/s | baseline | baseline tok/s | baseline TTFT ms | speedup |",
              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in report["results"]:
@@ -269,7 +288,8 @@ def markdown(report: dict[str, object]) -> str:
                      f"{r.get('baseline_ttft_ms', '')} | {r['speedup']}x |")
     b1 = report["results"][0]
     lines += ["", f"Batch 1: image encode {b1['encode_ms']} ms of the TTFT; decode reads {b1['bytes_per_token_mb']} MB "
-              f"per token, {b1['gbps']} GB/s achieved = {b1['pct_floor']}% of the copy-bandwidth floor; TTFT "
+              f"per token, {b1['gbps']} GB/s achieved = {b1['pct_floor']}% of the copy-bandwidth floor (read-only floor "
+              f"{b1['floor_read_tok_s']} tok/s); TTFT "
               f"{b1['ttft_speedup']}x transformers'; greedy tokens equal to transformers' for the first "
               f"{b1['greedy_match']}."]
     return "\n".join(lines) + "\n"
@@ -279,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e_cpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=51200, help="text vocabulary (51200 = Phi-2's)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (N)")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions of the batch-1 runs (median)")
+    parser.add_argument("--batch-reps", type=int, default=3, help="timed repetitions of the batched runs (median)")
     parser.add_argument("--batch", type=int, default=8, help="requests in the batched measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both stacks")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files")
@@ -296,17 +317,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         ours_single(model, *reqs[0], 4)
         profile_decode(model, reqs[0])
         return {}
+    load_before = os.getloadavg()
     ceilings = measure_ceilings()
     log.info("ceilings: %s", ceilings)
     results = [batch1(model, llava, reqs[0], args.new_tokens, args.reps, pad, ceilings)]
     log.info("%s", results[0])
-    results += batch8(model, llava, reqs, args.new_tokens, max(1, args.reps // 2), pad)
+    results += batch8(model, llava, reqs, args.new_tokens, args.batch_reps, pad)
     log.info("%s", results[1:])
     date = datetime.date.today().isoformat()
     t, v = TEXT, VISION
     report = {"suite": "e2e_cpu", "gpu": f"cpu-{os.cpu_count()}core", "torch": torch.__version__, "cuda": None,
               "commit": git_commit(), "date": date, "threads": torch.get_num_threads(),
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "loadavg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
               "attn_implementation": llava.config.text_config._attn_implementation,
               "model": (f"Phi hidden {t['hidden_size']}, {t['num_attention_heads']} heads x "
                         f"{t['hidden_size'] // t['num_attention_heads']} (rotary "

@@ -12,7 +12,7 @@ import torch
 from . import ops
 from .config import ModelConfig, load_config
 from .engine import Engine, Request
-from .image import ImageInput, load_image, preprocess
+from .image import ImageInput, load_image, preprocess, preprocess_uint8
 from .kv_cache import PagePool
 from .model import LlavaPhi
 from .prompt import build_prompt, tokenize_prompt
@@ -100,8 +100,10 @@ class Model:
     # --- internals ----------------------------------------------------------------------------------------
 
     def _pixels(self, image: ImageInput) -> torch.Tensor:
-        v = self.config.vision
-        return preprocess(load_image(image), image_size=v.image_size, pad_to_square=self.config.pad_to_square)
+        """[3, S, S]: uint8 for the GPU (patch_embed rescales and normalizes in its kernel), else normalized fp32."""
+        prep = preprocess_uint8 if self.device.type == "cuda" else preprocess
+        return prep(load_image(image), image_size=self.config.vision.image_size,
+                    pad_to_square=self.config.pad_to_square)
 
     def _submit(self, items: list[tuple[ImageInput | None, str]], params: SamplingParams,
                 keep_cache: bool = False) -> list[Request]:
