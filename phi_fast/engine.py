@@ -5,6 +5,12 @@ request. A request whose prompt shares a prefix with a cached sequence (same ima
 that sequence's pages. When a decode step runs out of pages, the newest running request is preempted: its
 pages are freed and it is recomputed later from its prompt and the tokens it already produced, so its output
 is neither lost nor repeated. The engine is the only place that knows about requests and pages.
+
+Decode steps run through a DecodeGraphRunner (CUDA graphs on a GPU, the same step eagerly on CPU) and are
+pipelined: step n is launched with the tokens of step n - 1 fed back on the device, then the host reads step
+n - 1's tokens (stop checks, detokenizing) while step n runs. A request that stops (EOS, stop string) has one
+token too many in flight; it is discarded. Tokens are drawn by gpu_sampling from (the request's seed, the
+token's position), so a request's output does not depend on what it is batched with.
 """
 
 from __future__ import annotations
@@ -12,15 +18,18 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Hashable
 
 import torch
 
+from .cuda_graphs import DecodeGraphRunner, PendingTokens
+from .gpu_sampling import sample_tokens, sampler_kind
 from .kv_cache import CacheFullError, PagePool, SequencePages
 from .model import LlavaPhi, StepBatch
 from .prompt import IMAGE_TOKEN_INDEX
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +42,7 @@ class Request:
     keys: list[Hashable]  # identity of each prompt position: a token id or (image digest, row)
     embeds: torch.Tensor  # [T_prompt, C] prompt embeddings, images spliced in
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int  # params.seed (or a random one) in [0, 2^63): with a token's position, it fixes the token drawn
     seq: SequencePages = field(default_factory=SequencePages)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -80,7 +89,7 @@ class Engine:
     """Continuous batching over one model, one tokenizer and one page pool."""
 
     def __init__(self, model: LlavaPhi, tokenizer, pool: PagePool, *, max_num_seqs: int = 64,
-                 max_prefill_tokens: int = 8192):
+                 max_prefill_tokens: int = 8192, use_cuda_graphs: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.pool = pool
@@ -91,6 +100,9 @@ class Engine:
         self.running: list[Request] = []
         self.retained: list[Request] = []  # finished chat turns whose pages stay cached
         self._ids = itertools.count()
+        self.graphs = DecodeGraphRunner(model, pool, max_num_seqs=max_num_seqs, use_graphs=use_cuda_graphs)
+        self._inflight: tuple[list[Request], PendingTokens] | None = None  # the last decode launch, not yet read
+        self._inflight_rows: dict[int, int] = {}  # request id -> its row in that launch
 
     # --- requests -----------------------------------------------------------------------------------------
 
@@ -114,7 +126,8 @@ class Engine:
             else:
                 keys.append(t)
         embeds = self.model.embed_prompt(prompt_ids, torch.stack(pixels) if pixels else None)
-        req = Request(next(self._ids), keys, embeds, params, params.make_generator(), keep_cache=keep_cache)
+        seed = params.seed % 2**63 if params.seed is not None else random.getrandbits(63)
+        req = Request(next(self._ids), keys, embeds, params, seed, keep_cache=keep_cache)
         self.waiting.append(req)
         return req
 
@@ -148,9 +161,12 @@ class Engine:
         """One forward pass: prefill what can be admitted, else decode every running request."""
         admitted = self._admit()
         if admitted:
+            self._drain()
             self._prefill(admitted)
         elif self.running:
             self._decode()
+        else:
+            self._drain()
 
     def _admit(self) -> list[tuple[Request, int, list[int]]]:
         """Requests to prefill now, each with its first uncached position and the slots reserved for the rest."""
@@ -211,28 +227,61 @@ class Engine:
                             no_prefix=all(start == 0 for _, start, _ in admitted))
         logits = self.model.forward(torch.cat(embeds), batch, self.pool)
         self.running += reqs
-        self._append_tokens(reqs, logits)
+        self._append_tokens(reqs, self._sample(reqs, logits))
 
     def _decode(self) -> None:
+        """Launch one decode step for every running request that needs a token, then read the previous one."""
         slots: dict[int, int] = {}
-        for req in list(self.running):
+        for req in [r for r in self.running if self._wants_token(r)]:
             while req in self.running:
                 try:
                     slots[req.id] = req.seq.reserve(self.pool, 1)[0]
                     break
                 except CacheFullError:
-                    if not self._preempt(exclude=req):
+                    if self._inflight is not None:
+                        self._drain()  # finished requests free pages; nobody is preempted with a token in flight
+                    elif not self._preempt(exclude=req):
                         self._fail(req, CacheFullError(
                             f"request {req.id} at {req.seq.length} tokens needs another KV page and the cache "
                             f"({self.pool.num_pages} pages of {self.pool.page_size}) has none left"))
-        reqs = list(self.running)  # preemption may have removed some that already had a slot
+        reqs = [r for r in self.running if r.id in slots]  # draining or preemption may have removed some
         if not reqs:
+            self._drain()
             return
-        ids = torch.tensor([r.output_ids[-1] for r in reqs], device=self.model.device)
-        batch = self._batch(reqs, [r.num_tokens - 1 for r in reqs], [slots[r.id] for r in reqs], [1] * len(reqs),
-                            no_prefix=False)
-        logits = self.model.forward(self.model.decoder.embed(ids), batch, self.pool)
-        self._append_tokens(reqs, logits)
+        step = self.graphs.new_step(len(reqs))
+        for i, r in enumerate(reqs):
+            p, row = r.params, self._inflight_rows.get(r.id)
+            source = {"prev_row": row} if row is not None else {"token": r.output_ids[-1]}
+            step.set_row(i, position=r.seq.length - 1, slot=slots[r.id], pages=r.seq.pages,
+                         temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=r.seed, **source)
+        pending = self.graphs.launch(step)
+        self._drain()  # the previous launch's tokens, while this one runs
+        self._inflight, self._inflight_rows = (reqs, pending), {r.id: i for i, r in enumerate(reqs)}
+
+    def _wants_token(self, req: Request) -> bool:
+        """Whether req needs a token beyond those already generated or in flight."""
+        launched = len(req.output_ids) + (req.id in self._inflight_rows)
+        return launched < req.params.max_new_tokens and len(req.keys) + launched < self.context
+
+    def _drain(self) -> None:
+        """Read the tokens of the decode launch in flight, if any (waits for it) and append them."""
+        if self._inflight is None:
+            return
+        (reqs, pending), self._inflight, self._inflight_rows = self._inflight, None, {}
+        self._append_tokens(reqs, pending.result())
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        """logits: [S, V] fp32 of reqs' last tokens -> the token each draws (at position req.num_tokens)."""
+        dev = logits.device
+        temperature = [r.params.temperature for r in reqs]
+        top_k, top_p = [r.params.top_k for r in reqs], [r.params.top_p for r in reqs]
+        tokens = sample_tokens(logits, torch.tensor(temperature, dtype=torch.float32, device=dev),
+                               torch.tensor(top_k, dtype=torch.int64, device=dev),
+                               torch.tensor(top_p, dtype=torch.float32, device=dev),
+                               torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
+                               torch.tensor([r.num_tokens for r in reqs], dtype=torch.int64, device=dev),
+                               sampler_kind(temperature, top_k, top_p))
+        return tokens.tolist()
 
     def _preempt(self, exclude: Request) -> bool:
         """Free the newest running request other than `exclude` (or retained pages); False if none."""
@@ -279,10 +328,11 @@ class Engine:
             no_prefix=no_prefix,
         )
 
-    def _append_tokens(self, reqs: list[Request], logits: torch.Tensor) -> None:
+    def _append_tokens(self, reqs: list[Request], tokens: list[int]) -> None:
         eos = self.tokenizer.eos_token_id
-        for req, row in zip(reqs, logits):
-            token = sample(row, req.params, req.generator)
+        for req, token in zip(reqs, tokens):
+            if req.finished:  # stopped while this token was in flight
+                continue
             if token == eos and not req.params.ignore_eos:
                 self._finish(req, "eos")
                 continue
@@ -300,6 +350,7 @@ class Engine:
         if req in self.running:
             self.running.remove(req)
         if req.keep_cache and reason != "error":
+            req.seq.length = min(req.seq.length, req.num_tokens)  # a token in flight after EOS is not kept
             self.retained.append(req)
         else:
             req.seq.free(self.pool)
