@@ -11,8 +11,9 @@ greedy choice and both stacks generate exactly --new-tokens tokens.
 
 Measured in the same run, each median of --reps after a warm-up:
 - batch 1: time to first token (image encode + prefill) and decode tokens/s = (N - 1) / (time after the first
-  token); transformers' split is generate(max_new_tokens=1) vs generate(max_new_tokens=N), and the greedy tokens
-  of both stacks are compared (reported, not enforced);
+  token); inside transformers' generate a logits processor timestamps the end of every forward pass (TTFT = call
+  start to the first, decode = first to last), and the greedy tokens of both stacks are compared (reported, not
+  enforced);
 - batch 8: 8 different requests (images and questions) submitted together vs the same 8 one after another, and
   against transformers' generate on the 8 left-padded together; throughput = generated tokens / wall time,
   image encodes and prefills included.
@@ -36,6 +37,7 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import pstats  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -46,7 +48,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, PhiConfig  # noqa: E402
+from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor,  # noqa: E402
+                          LogitsProcessorList, PhiConfig)
 
 import phi_fast  # noqa: E402
 from bench.common import RESULTS, git_commit  # noqa: E402
@@ -153,16 +156,30 @@ def ours_batch(model: phi_fast.Model, reqs: list[tuple[list[int], torch.Tensor]]
     return sum(len(r.output_ids) for r in submitted)
 
 
+class StepClock(LogitsProcessor):
+    """Records when generate asks for each token's logits processing: right after each forward pass."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def hf_generate(llava: LlavaForConditionalGeneration, ids: list[list[int]], px: torch.Tensor, n: int,
-                pad: int) -> torch.Tensor:
-    """Greedy generate of exactly n tokens for left-padded prompts; returns the new tokens [B, n]."""
+                pad: int) -> dict[str, object]:
+    """Greedy generate of exactly n tokens for left-padded prompts: ttft s (the call's start to the first
+    forward's end), decode s (first to last forward's end: n - 1 forward passes), tokens [B, n]."""
     width = max(len(x) for x in ids)
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    clock = StepClock()
+    t0 = time.perf_counter()
     with torch.inference_mode():
         out = llava.generate(input_ids=input_ids, attention_mask=mask, pixel_values=px, max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False)
-    return out[:, width:]
+                             min_new_tokens=n, do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    return {"ttft": clock.times[0] - t0, "decode": clock.times[-1] - clock.times[0], "tokens": out[:, width:]}
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -210,15 +227,13 @@ def batch1(model: phi_fast.Model, llava: LlavaForConditionalGeneration, req: tup
     ids, px = req
     full = hf_ids(ids, llava.config.image_token_index, model.llava.image_tokens)
     runs = interleaved({"ours": lambda: ours_single(model, ids, px, n),
-                        "hf_first": lambda: hf_generate(llava, [full], px[None], 1, pad),
-                        "hf_all": lambda: hf_generate(llava, [full], px[None], n, pad)}, reps)
-    ours = [r for _, r in runs["ours"]]
-    ttft, decode = (statistics.median(r[k] for r in ours) for k in ("ttft", "decode"))
-    encode = statistics.median(r["encode"] for r in ours)
-    hf_ttft, hf_total = median_s(runs["hf_first"]), median_s(runs["hf_all"])
-    ours_tokens, theirs = ours[-1]["tokens"], runs["hf_all"][-1][1][0].tolist()
+                        "hf": lambda: hf_generate(llava, [full], px[None], n, pad)}, reps)
+    ours, hf = [r for _, r in runs["ours"]], [r for _, r in runs["hf"]]
+    ttft, decode, encode = (statistics.median(r[k] for r in ours) for k in ("ttft", "decode", "encode"))
+    hf_ttft, hf_decode = (statistics.median(r[k] for r in hf) for k in ("ttft", "decode"))
+    ours_tokens, theirs = ours[-1]["tokens"], hf[-1]["tokens"][0].tolist()
     same = next((i for i, (a, b) in enumerate(zip(ours_tokens, theirs)) if a != b), min(len(ours_tokens), len(theirs)))
-    tok_s, hf_tok_s = (n - 1) / decode, (n - 1) / (hf_total - hf_ttft)
+    tok_s, hf_tok_s = (n - 1) / decode, (n - 1) / hf_decode
     nbytes = decode_bytes(llava, len(full) + n // 2)
     floor = ceilings["copy_gbps"] * 1e9 / nbytes
     return {"name": "decode batch 1", "shape": f"{len(full)}-token prompt (1 image) + {n} new", "dtype": "fp32",
@@ -229,7 +244,9 @@ def batch1(model: phi_fast.Model, llava: LlavaForConditionalGeneration, req: tup
             "baseline": f"transformers {transformers.__version__} generate (sdpa)",
             "baseline_tok_s": round(hf_tok_s, 2), "baseline_ttft_ms": round(hf_ttft * 1e3, 1),
             "speedup": round(tok_s / hf_tok_s, 2), "ttft_speedup": round(hf_ttft / ttft, 2),
-            "greedy_match": f"{same}/{n}"}
+            "greedy_match": f"{same}/{n}",
+            "raw_s": {f"{who}_{k}": [round(r[k], 3) for r in rs] for who, rs in (("ours", ours), ("hf", hf))
+                      for k in ("ttft", "decode")}}
 
 
 def batch8(model: phi_fast.Model, llava: LlavaForConditionalGeneration, reqs: list[tuple[list[int], torch.Tensor]],
@@ -240,7 +257,7 @@ def batch8(model: phi_fast.Model, llava: LlavaForConditionalGeneration, reqs: li
     pixels = torch.stack([px for _, px in reqs])
     runs = interleaved({"together": lambda: ours_batch(model, reqs, n),
                         "sequential": lambda: sum(ours_batch(model, [r], n) for r in reqs),
-                        "hf": lambda: hf_generate(llava, full, pixels, n, pad).numel()},
+                        "hf": lambda: hf_generate(llava, full, pixels, n, pad)["tokens"].numel()},
                        reps, warmup=False)  # batch1 warmed both stacks up on these shapes
     for name, rs in runs.items():
         if any(got != count for _, got in rs):
@@ -248,13 +265,16 @@ def batch8(model: phi_fast.Model, llava: LlavaForConditionalGeneration, reqs: li
     together, sequential, hf = (median_s(runs[k]) for k in ("together", "sequential", "hf"))
     shape = f"{len(reqs)} requests x ({min(map(len, full))}-{max(map(len, full))} prompt + {n} new)"
     tok_s = round(count / together, 2)
+    raw = {k: [round(t, 2) for t, _ in rs] for k, rs in runs.items()}
     return [
         {"name": f"batch {len(reqs)}: together vs one after another", "shape": shape, "dtype": "fp32",
          "tok_s": tok_s, "baseline": f"phi_fast, the {len(reqs)} one after another",
-         "baseline_tok_s": round(count / sequential, 2), "speedup": round(sequential / together, 2)},
+         "baseline_tok_s": round(count / sequential, 2), "speedup": round(sequential / together, 2),
+         "raw_s": {k: raw[k] for k in ("together", "sequential")}},
         {"name": f"batch {len(reqs)}: together vs transformers", "shape": shape, "dtype": "fp32", "tok_s": tok_s,
          "baseline": f"transformers {transformers.__version__} generate (sdpa), the {len(reqs)} left-padded together",
-         "baseline_tok_s": round(count / hf, 2), "speedup": round(hf / together, 2)},
+         "baseline_tok_s": round(count / hf, 2), "speedup": round(hf / together, 2),
+         "raw_s": {k: raw[k] for k in ("together", "hf")}},
     ]
 
 
@@ -272,6 +292,27 @@ def profile_decode(model: phi_fast.Model, req: tuple[list[int], torch.Tensor], s
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
+def _busy_seconds() -> tuple[float, float] | None:
+    """(CPU seconds all processes on the machine were busy, CPU seconds of this process) so far; None without
+    /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except OSError:
+        return None
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+    return busy, usage.ru_utime + usage.ru_stime
+
+
+def _others_share(start: tuple[float, float] | None, wall0: float) -> float | None:
+    """Fraction of the machine's cores that other processes kept busy since `start` (0 on a quiet machine)."""
+    end = _busy_seconds()
+    if start is None or end is None:
+        return None
+    others = (end[0] - start[0]) - (end[1] - start[1])
+    return round(max(others, 0.0) / ((time.perf_counter() - wall0) * os.cpu_count()), 2)
+
+
 def markdown(report: dict[str, object]) -> str:
     c = report["ceilings"]
     lines = [f"# {report['suite']} on {report['gpu']} ({report['date']}, commit {report['commit']}, torch "
@@ -279,7 +320,9 @@ def markdown(report: dict[str, object]) -> str:
              f"Model: {report['model']}", "",
              f"Ceilings: copy {c['copy_gbps']} GB/s (read + write), read {c['read_gbps']} GB/s, fp32 matmul "
              f"{c['fp32_gflops']} GFLOP/s. Load average (1 min) before / after: {report['loadavg_1min']['before']} / "
-             f"{report['loadavg_1min']['after']} (a shared machine).", "",
+             f"{report['loadavg_1min']['after']}; other processes kept {report['others_cpu_share']} of the cores busy "
+             f"during the run (0 = a quiet machine).",
+             "",
              "| name | shape | tok/s | TTFT ms | floor tok/s | baseline | baseline tok/s | baseline TTFT ms | speedup |",
              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in report["results"]:
@@ -317,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         ours_single(model, *reqs[0], 4)
         profile_decode(model, reqs[0])
         return {}
-    load_before = os.getloadavg()
+    load_before, wall0, busy0 = os.getloadavg(), time.perf_counter(), _busy_seconds()
     ceilings = measure_ceilings()
     log.info("ceilings: %s", ceilings)
     results = [batch1(model, llava, reqs[0], args.new_tokens, args.reps, pad, ceilings)]
@@ -330,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
               "commit": git_commit(), "date": date, "threads": torch.get_num_threads(),
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "loadavg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+              "others_cpu_share": _others_share(busy0, wall0),
               "attn_implementation": llava.config.text_config._attn_implementation,
               "model": (f"Phi hidden {t['hidden_size']}, {t['num_attention_heads']} heads x "
                         f"{t['hidden_size'] // t['num_attention_heads']} (rotary "

@@ -1,5 +1,5 @@
 // CPU launchers of the attention family (csrc/cpu/attention.cpp). Same parameters as csrc/cuda/attention.h
-// without the stream and paged_attention's workspace; conventions in csrc/cpu/norm.h.
+// with num_threads in place of the stream and paged_attention's workspace; conventions in csrc/cpu/norm.h.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +15,7 @@ namespace phi_fast::cpu {
 void prefill_attention(void* out, const void* q, int64_t q_token_stride, int64_t q_head_stride, const void* k,
                        int64_t k_token_stride, int64_t k_head_stride, const void* v, int64_t v_token_stride,
                        int64_t v_head_stride, const int32_t* cu_seqlens, int64_t num_seqs, int64_t num_tokens,
-                       int64_t num_heads, int64_t head_dim, float scale, bool causal, DType dtype);
+                       int64_t num_heads, int64_t head_dim, float scale, bool causal, DType dtype, int num_threads);
 
 // Causal attention of new queries over a paged KV cache that already holds their k, v.
 // Sequence s owns queries cu_seqlens_q[s]..cu_seqlens_q[s+1] (q_len of them, >= 0), sitting at the last q_len
@@ -29,6 +29,6 @@ void paged_attention(void* out, const void* q, int64_t q_token_stride, int64_t q
                      const void* key_cache, const void* value_cache, const int32_t* block_table,
                      int64_t block_table_stride, const int32_t* seq_lens, const int32_t* cu_seqlens_q,
                      int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t page_size,
-                     int64_t max_pages_per_seq, float scale, DType dtype);
+                     int64_t max_pages_per_seq, float scale, DType dtype, int num_threads);
 
 }  // namespace phi_fast::cpu

@@ -1,7 +1,11 @@
-// Shared helpers of the CPU kernels (csrc/cpu/*.cpp): dtype dispatch onto storage types, row load/store
-// through fp32, and vectorizable fp32 exp and erf. Header-only, torch-free.
+// Shared helpers of the CPU kernels (csrc/cpu/*.cpp): how many threads a call gets and running it on them,
+// dtype dispatch onto storage types, row load/store through fp32, and vectorizable fp32 exp and erf.
+// Header-only, torch-free.
 #pragma once
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -13,8 +17,69 @@
 
 namespace phi_fast::cpu {
 
-// Work below this many elements runs on the calling thread: an OpenMP team costs more than it saves.
-constexpr int64_t kParallelMinElements = 1 << 15;
+// ---- threads ----
+//
+// Every launcher takes num_threads, the caller's thread budget (torch's at::get_num_threads() from csrc/ops),
+// and decides from an estimate of its own single-core time how many of those threads to use. An OpenMP team
+// costs a few microseconds when its threads are spinning on free cores, but far more when they sleep or share
+// the cores with other teams (MKL's, torch's) or other processes: on a 2-core machine under load, a decode-sized
+// op that forked a team ran 10-40x slower than on one thread. So a call is split only into parts of at least
+// kMinThreadWorkNs each, and smaller calls run on the calling thread with no team at all.
+constexpr double kMinThreadWorkNs = 100e3;
+
+// Single-core throughputs behind the estimates (rough; measured on a 2-core AMD EPYC VM, bench/NOTES.md).
+// Streaming is one core's DRAM rate; rows already in L2/L3 go 2-4x faster, so estimates err towards forking.
+constexpr double kStreamBytesPerNs = 20.0;  // rows read or written
+constexpr double kGemmFlopsPerNs = 40.0;    // the attention kernels' fp32 register tiles (~50 measured)
+
+// Estimated single-core nanoseconds of streaming `bytes` through memory.
+inline double stream_ns(double bytes) { return bytes / kStreamBytesPerNs; }
+
+// Threads for a call of about work_ns single-core nanoseconds: at most max_threads and at most one per
+// kMinThreadWorkNs of work (so 1 for small calls).
+inline int threads_for(double work_ns, int max_threads) {
+  const double by_work = std::floor(work_ns / kMinThreadWorkNs);
+  return static_cast<int>(std::clamp<double>(by_work, 1.0, std::max(max_threads, 1)));
+}
+
+// Runs body(thread, num_threads) once on each of num_threads threads, or once on the calling thread, with no
+// team, when num_threads <= 1. The team is forked at OpenMP's default size (the size of torch's and MKL's
+// teams in this thread) and its threads past num_threads only join the barrier: a team smaller than libgomp's
+// pool makes libgomp end the surplus threads, and the next full-size team re-creates them (torch's
+// at::parallel_for avoids num_threads clauses for the same reason). body gets the number of threads that
+// work, which can be smaller than asked (a smaller team, e.g. inside another parallel region).
+template <typename Body>
+void run_threads(int num_threads, Body&& body) {
+  if (num_threads <= 1) {
+    body(0, 1);
+    return;
+  }
+#pragma omp parallel
+  {
+    const int working = std::min(num_threads, omp_get_num_threads());
+    const int thread = omp_get_thread_num();
+    if (thread < working) body(thread, working);
+  }
+}
+
+// Part `part` of [0, n) cut into `parts` contiguous near-equal ranges: [begin, end).
+struct Range {
+  int64_t begin, end;
+};
+inline Range part_of(int64_t n, int part, int parts) { return {n * part / parts, n * (part + 1) / parts}; }
+
+// fn(begin, end) over [0, rows) in one contiguous range per thread (static schedule, for rows of equal cost),
+// with threads_for(work_ns, max_threads) threads, never more than rows.
+template <typename Fn>
+void parallel_rows(int64_t rows, double work_ns, int max_threads, Fn&& fn) {
+  const int threads = static_cast<int>(std::min<int64_t>(threads_for(work_ns, max_threads), rows));
+  run_threads(threads, [&](int thread, int team) {
+    const Range r = part_of(rows, thread, team);
+    if (r.begin < r.end) fn(r.begin, r.end);
+  });
+}
+
+// ---- dtypes and rows ----
 
 // Calls fn(T{}) with T the storage type of dtype: float, Half or BFloat16.
 template <typename Fn>

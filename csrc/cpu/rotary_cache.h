@@ -1,5 +1,5 @@
 // CPU launcher of rotary_cache (csrc/cpu/rotary_cache.cpp). Same parameters as csrc/cuda/rotary_cache.h
-// without the stream; conventions in csrc/cpu/norm.h.
+// with num_threads in place of the stream; conventions in csrc/cpu/norm.h.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +20,6 @@ namespace phi_fast::cpu {
 void rotary_cache(void* qkv, int64_t qkv_token_stride, int64_t qkv_part_stride, int64_t qkv_head_stride,
                   const int64_t* positions, const float* cos, const float* sin, int64_t rotary_dim,
                   void* key_cache, void* value_cache, const int64_t* slot_mapping, int64_t num_tokens,
-                  int64_t num_heads, int64_t head_dim, int64_t page_size, DType dtype);
+                  int64_t num_heads, int64_t head_dim, int64_t page_size, DType dtype, int num_threads);
 
 }  // namespace phi_fast::cpu

@@ -1,5 +1,6 @@
 // Tensor-facing bias_gelu and bias_quick_gelu: checks, output allocation, dispatch to phi_fast::cpu /
 // phi_fast::cuda (csrc/cpu/activation.h, csrc/cuda/activation.h).
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include "cpu/activation.h"
@@ -21,7 +22,11 @@ at::Tensor bias_gelu(const at::Tensor& x, const at::Tensor& bias, const std::str
   if (y.numel() == 0) return y;
   const bool tanh = approximate == "tanh";
   dispatch_device(
-      ctx, [&] { cpu::bias_gelu(y.data_ptr(), x.data_ptr(), x.stride(0), bias.data_ptr(), T, N, tanh, ctx.dtype); },
+      ctx,
+      [&] {
+        cpu::bias_gelu(y.data_ptr(), x.data_ptr(), x.stride(0), bias.data_ptr(), T, N, tanh, ctx.dtype,
+                       at::get_num_threads());
+      },
       [&]([[maybe_unused]] void* stream) {
         PHI_FAST_CUDA_ONLY(
             cuda::bias_gelu(y.data_ptr(), x.data_ptr(), x.stride(0), bias.data_ptr(), T, N, tanh, ctx.dtype, stream);)
@@ -38,7 +43,11 @@ at::Tensor bias_quick_gelu(const at::Tensor& x, const at::Tensor& bias) {
   at::Tensor y = at::empty({T, N}, x.options());
   if (y.numel() == 0) return y;
   dispatch_device(
-      ctx, [&] { cpu::bias_quick_gelu(y.data_ptr(), x.data_ptr(), x.stride(0), bias.data_ptr(), T, N, ctx.dtype); },
+      ctx,
+      [&] {
+        cpu::bias_quick_gelu(y.data_ptr(), x.data_ptr(), x.stride(0), bias.data_ptr(), T, N, ctx.dtype,
+                             at::get_num_threads());
+      },
       [&]([[maybe_unused]] void* stream) {
         PHI_FAST_CUDA_ONLY(
             cuda::bias_quick_gelu(y.data_ptr(), x.data_ptr(), x.stride(0), bias.data_ptr(), T, N, ctx.dtype, stream);)

@@ -1,5 +1,6 @@
 // Tensor-facing prefill_attention and paged_attention: checks, output allocation, dispatch to phi_fast::cpu /
 // phi_fast::cuda (csrc/cpu/attention.h, csrc/cuda/attention.h).
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include "cpu/attention.h"
@@ -30,7 +31,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
       [&] {
         cpu::prefill_attention(out.data_ptr(), q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0),
                                k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), cu_seqlens.data_ptr<int32_t>(),
-                               S, T, H, D, sc, causal, ctx.dtype);
+                               S, T, H, D, sc, causal, ctx.dtype, at::get_num_threads());
       },
       [&]([[maybe_unused]] void* stream) {
         PHI_FAST_CUDA_ONLY(cuda::prefill_attention(out.data_ptr(), q.data_ptr(), q.stride(0), q.stride(1),
@@ -94,7 +95,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& key_cache, con
         cpu::paged_attention(out.data_ptr(), q.data_ptr(), q.stride(0), q.stride(1), key_cache.data_ptr(),
                              value_cache.data_ptr(), block_table.data_ptr<int32_t>(), block_table.stride(0),
                              seq_lens.data_ptr<int32_t>(), cu_seqlens_q.data_ptr<int32_t>(), S, T, H, D, page_size,
-                             max_pages, sc, ctx.dtype);
+                             max_pages, sc, ctx.dtype, at::get_num_threads());
       },
       [&]([[maybe_unused]] void* stream) {
         PHI_FAST_CUDA_ONLY(

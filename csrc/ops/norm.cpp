@@ -1,5 +1,6 @@
 // Tensor-facing layernorm, add_layernorm and embed_layernorm: checks, output allocation, dispatch to
 // phi_fast::cpu / phi_fast::cuda (csrc/cpu/norm.h, csrc/cuda/norm.h).
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include "cpu/norm.h"
@@ -22,7 +23,8 @@ at::Tensor layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Te
   dispatch_device(
       ctx,
       [&] {
-        cpu::layernorm(y.data_ptr(), x.data_ptr(), x.stride(0), weight.data_ptr(), bias.data_ptr(), T, C, e, ctx.dtype);
+        cpu::layernorm(y.data_ptr(), x.data_ptr(), x.stride(0), weight.data_ptr(), bias.data_ptr(), T, C, e, ctx.dtype,
+                       at::get_num_threads());
       },
       [&]([[maybe_unused]] void* stream) {
         PHI_FAST_CUDA_ONLY(cuda::layernorm(y.data_ptr(), x.data_ptr(), x.stride(0), weight.data_ptr(),
@@ -52,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> add_layernorm(const at::Tensor& x, const at::
       ctx,
       [&] {
         cpu::add_layernorm(s.data_ptr(), y.data_ptr(), x.data_ptr(), x.stride(0), a.data_ptr(), a.stride(0), b_ptr,
-                           b_stride, weight.data_ptr(), bias.data_ptr(), T, C, e, ctx.dtype);
+                           b_stride, weight.data_ptr(), bias.data_ptr(), T, C, e, ctx.dtype, at::get_num_threads());
       },
       [&]([[maybe_unused]] void* stream) {
         PHI_FAST_CUDA_ONLY(cuda::add_layernorm(s.data_ptr(), y.data_ptr(), x.data_ptr(), x.stride(0), a.data_ptr(),
@@ -81,7 +83,7 @@ at::Tensor embed_layernorm(const at::Tensor& patches, const at::Tensor& class_em
       [&] {
         cpu::embed_layernorm(y.data_ptr(), patches.data_ptr(), patches.stride(0), patches.stride(1),
                              class_embedding.data_ptr(), position_embedding.data_ptr(), weight.data_ptr(),
-                             bias.data_ptr(), B, N, C, e, ctx.dtype);
+                             bias.data_ptr(), B, N, C, e, ctx.dtype, at::get_num_threads());
       },
       [&]([[maybe_unused]] void* stream) {
         PHI_FAST_CUDA_ONLY(cuda::embed_layernorm(y.data_ptr(), patches.data_ptr(), patches.stride(0),

@@ -1,6 +1,7 @@
 // Tensor-facing patchify: checks, output allocation, dispatch to phi_fast::cpu / phi_fast::cuda
 // (csrc/cpu/patch_embed.h, csrc/cuda/patch_embed.h). The patch GEMM and embed_layernorm follow in
 // phi_fast/ops.py's patch_embed.
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include "cpu/patch_embed.h"
@@ -40,9 +41,11 @@ at::Tensor patchify(const at::Tensor& pixels, int64_t patch, const std::optional
       [&] {
         if (is_uint8) {
           cpu::patchify_uint8(out.data_ptr<float>(), pixels.data_ptr<uint8_t>(), sb, sc, sh, sw,
-                              mean->data_ptr<float>(), std->data_ptr<float>(), B, C, H, W, patch);
+                              mean->data_ptr<float>(), std->data_ptr<float>(), B, C, H, W, patch,
+                              at::get_num_threads());
         } else {
-          cpu::patchify(out.data_ptr(), pixels.data_ptr(), sb, sc, sh, sw, B, C, H, W, patch, ctx.dtype);
+          cpu::patchify(out.data_ptr(), pixels.data_ptr(), sb, sc, sh, sw, B, C, H, W, patch, ctx.dtype,
+                        at::get_num_threads());
         }
       },
       [&]([[maybe_unused]] void* stream) {

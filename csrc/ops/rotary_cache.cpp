@@ -1,5 +1,7 @@
 // Tensor-facing rotary_cache: checks, dispatch to phi_fast::cpu / phi_fast::cuda (csrc/cpu/rotary_cache.h,
 // csrc/cuda/rotary_cache.h). In place on qkv and the caches; nothing allocated.
+#include <ATen/Parallel.h>
+
 #include "cpu/rotary_cache.h"
 #include "cuda/rotary_cache.h"
 #include "ops/checks.h"
@@ -59,7 +61,7 @@ void rotary_cache(const at::Tensor& qkv, const at::Tensor& positions, const at::
       [&] {
         cpu::rotary_cache(qkv.data_ptr(), qkv.stride(0), qkv.stride(1), qkv.stride(2), positions.data_ptr<int64_t>(),
                           cos.data_ptr<float>(), sin.data_ptr<float>(), 2 * half, k_cache, v_cache, slots, T, H, D,
-                          page_size, ctx.dtype);
+                          page_size, ctx.dtype, at::get_num_threads());
       },
       [&]([[maybe_unused]] void* stream) {
         PHI_FAST_CUDA_ONLY(cuda::rotary_cache(qkv.data_ptr(), qkv.stride(0), qkv.stride(1), qkv.stride(2),
