@@ -1,6 +1,7 @@
 """End to end on the CPU, fp32: phi_fast's engine against transformers' generate on the same random weights.
 
-    python -m bench.e2e_cpu [--vocab 51200] [--new-tokens 64] [--reps 3] [--threads 2] [--out DIR] [--profile]
+    python -m bench.e2e_cpu [--vocab 51200] [--new-tokens 64] [--reps 3] [--batch-reps 3] [--threads 2]
+                            [--out DIR] [--profile]
 
 The model is a mid-size LLaVA-Phi built with transformers (LlavaForConditionalGeneration: Phi text model with
 hidden 1024, 16 heads x 64, partial rotary 0.5 -> 32, 8 layers, intermediate 4096; CLIP 224px / patch 14 with
@@ -9,7 +10,8 @@ phi_fast.checkpoint_writer.random_tensor, saved with save_pretrained (the llava_
 phi_fast.load. The lm_head rows of EOS and of the image token are zeroed on both sides, so neither is ever the
 greedy choice and both stacks generate exactly --new-tokens tokens.
 
-Measured in the same run, each median of --reps after a warm-up:
+Measured in the same run, the stacks' repetitions interleaved, medians (--reps after a warm-up round at batch 1,
+--batch-reps at batch 8):
 - batch 1: time to first token (image encode + prefill) and decode tokens/s = (N - 1) / (time after the first
   token); inside transformers' generate a logits processor timestamps the end of every forward pass (TTFT = call
   start to the first, decode = first to last), and the greedy tokens of both stacks are compared (reported, not
@@ -22,7 +24,9 @@ cache at the mean context) / the measured copy bandwidth.
 
 OMP_WAIT_POLICY defaults to "passive" here (set before torch loads OpenMP): the C++ kernels' OpenMP team and
 torch's contend when threads spin (bench/NOTES.md). The value in effect is recorded in the results.
-Writes bench/results/e2e_cpu-cpu-<date>.{json,md}.
+Writes bench/results/e2e_cpu-cpu-<cores>core-<date>.{json,md} (ceilings, load of the machine during the run, the
+uncommitted files of phi_fast/ and csrc/, per-repetition raw seconds); --profile prints a cProfile of batch-1
+decode steps instead.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import logging  # noqa: E402
 import pstats  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -52,7 +57,7 @@ from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGene
                           LogitsProcessorList, PhiConfig)
 
 import phi_fast  # noqa: E402
-from bench.common import RESULTS, git_commit  # noqa: E402
+from bench.common import RESULTS, ROOT, git_commit  # noqa: E402
 from phi_fast.checkpoint_writer import random_tensor  # noqa: E402
 from phi_fast.image import load_image, preprocess  # noqa: E402
 from phi_fast.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt  # noqa: E402
@@ -130,7 +135,8 @@ def hf_ids(ids: list[int], image_token: int, n_image: int) -> list[int]:
 # --- timing -----------------------------------------------------------------------------------------------
 
 def ours_single(model: phi_fast.Model, ids: list[int], px: torch.Tensor, n: int) -> dict[str, object]:
-    """One request through the engine: encode ms (in add), ttft s (add + prefill step), decode s, tokens."""
+    """One request through the engine (px: [3, S, S]): encode s (in add), ttft s (add + prefill step), decode s
+    (the N - 1 later steps), tokens."""
     engine, params = model.engine, SamplingParams(max_new_tokens=n, ignore_eos=True)
     t0 = time.perf_counter()
     req = engine.add(ids, [px], params)
@@ -146,7 +152,7 @@ def ours_single(model: phi_fast.Model, ids: list[int], px: torch.Tensor, n: int)
 
 
 def ours_batch(model: phi_fast.Model, reqs: list[tuple[list[int], torch.Tensor]], n: int) -> int:
-    """All requests submitted together, run to the end; returns the generated token count."""
+    """All (ids, px [3, S, S]) requests submitted together, run to the end; returns the generated token count."""
     params = SamplingParams(max_new_tokens=n, ignore_eos=True)
     submitted = [model.engine.add(ids, [px], params) for ids, px in reqs]
     model.engine.run()
@@ -169,8 +175,8 @@ class StepClock(LogitsProcessor):
 
 def hf_generate(llava: LlavaForConditionalGeneration, ids: list[list[int]], px: torch.Tensor, n: int,
                 pad: int) -> dict[str, object]:
-    """Greedy generate of exactly n tokens for left-padded prompts: ttft s (the call's start to the first
-    forward's end), decode s (first to last forward's end: n - 1 forward passes), tokens [B, n]."""
+    """Greedy generate of exactly n tokens for left-padded prompts (px: [B, 3, S, S]): ttft s (the call's start
+    to the first forward's end), decode s (first to last forward's end: n - 1 forward passes), tokens [B, n]."""
     width = max(len(x) for x in ids)
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
@@ -292,6 +298,16 @@ def profile_decode(model: phi_fast.Model, req: tuple[list[int], torch.Tensor], s
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
+def _uncommitted() -> list[str]:
+    """`git status --porcelain` lines of phi_fast/ and csrc/: the measured code differs from the commit by these."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "phi_fast", "csrc"], cwd=ROOT, capture_output=True,
+                             text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return ["unknown"]
+    return out.stdout.splitlines()
+
+
 def _busy_seconds() -> tuple[float, float] | None:
     """(CPU seconds all processes on the machine were busy, CPU seconds of this process) so far; None without
     /proc/stat."""
@@ -315,7 +331,8 @@ def _others_share(start: tuple[float, float] | None, wall0: float) -> float | No
 
 def markdown(report: dict[str, object]) -> str:
     c = report["ceilings"]
-    lines = [f"# {report['suite']} on {report['gpu']} ({report['date']}, commit {report['commit']}, torch "
+    dirty = f" + {len(report['uncommitted'])} uncommitted files" if report["uncommitted"] else ""
+    lines = [f"# {report['suite']} on {report['gpu']} ({report['date']}, commit {report['commit']}{dirty}, torch "
              f"{report['torch']}, {report['threads']} threads, OMP_WAIT_POLICY={report['omp_wait_policy']})", "",
              f"Model: {report['model']}", "",
              f"Ceilings: copy {c['copy_gbps']} GB/s (read + write), read {c['read_gbps']} GB/s, fp32 matmul "
@@ -331,10 +348,9 @@ def markdown(report: dict[str, object]) -> str:
                      f"{r.get('baseline_ttft_ms', '')} | {r['speedup']}x |")
     b1 = report["results"][0]
     lines += ["", f"Batch 1: image encode {b1['encode_ms']} ms of the TTFT; decode reads {b1['bytes_per_token_mb']} MB "
-              f"per token, {b1['gbps']} GB/s achieved = {b1['pct_floor']}% of the copy-bandwidth floor (read-only floor "
-              f"{b1['floor_read_tok_s']} tok/s); TTFT "
-              f"{b1['ttft_speedup']}x transformers'; greedy tokens equal to transformers' for the first "
-              f"{b1['greedy_match']}."]
+              f"per token, {b1['gbps']} GB/s achieved = {b1['pct_floor']}% of the copy-bandwidth floor "
+              f"(read-only floor {b1['floor_read_tok_s']} tok/s); TTFT {b1['ttft_speedup']}x transformers'; greedy "
+              f"tokens equal to transformers' for the first {b1['greedy_match']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -370,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     date = datetime.date.today().isoformat()
     t, v = TEXT, VISION
     report = {"suite": "e2e_cpu", "gpu": f"cpu-{os.cpu_count()}core", "torch": torch.__version__, "cuda": None,
-              "commit": git_commit(), "date": date, "threads": torch.get_num_threads(),
+              "commit": git_commit(), "uncommitted": _uncommitted(), "date": date, "threads": torch.get_num_threads(),
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "loadavg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
               "others_cpu_share": _others_share(busy0, wall0),
@@ -387,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     log.info("wrote %s.json and .md", stem)
-    print(markdown(report))
+    log.info("%s", markdown(report))
     return report
 
 
