@@ -153,9 +153,13 @@ def run_suite(suite: str, make_cases: Callable[[], list[Case]], argv: list[str] 
     report = {"suite": suite, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "cuda": torch.version.cuda, "commit": git_commit(), "date": date, "ceilings": ceilings,
               "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{suite}-{gpu_slug()}-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    log.info("wrote %s.json and .md", stem)
+    write_report(args.out / f"{suite}-{gpu_slug()}-{date}", report, markdown(report))
     return report
+
+
+def write_report(stem: Path, report: dict[str, object], table: str) -> None:
+    """stem.json (the report) and stem.md (its markdown table)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(table)
+    log.info("wrote %s.json and .md", stem)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import logging
 import signal
 import statistics
@@ -51,7 +50,7 @@ import torch
 from PIL import Image
 
 import phi_fast
-from bench.common import RESULTS, git_commit, gpu_slug, measure_ceilings, time_us
+from bench.common import RESULTS, git_commit, gpu_slug, measure_ceilings, time_us, write_report
 from phi_fast import ops
 from phi_fast.checkpoint_writer import random_tensor
 from phi_fast.cuda_graphs import DecodeGraphRunner
@@ -495,11 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         sys.exit("bench.e2e: phi_fast was built without its CUDA kernels (pip install --no-build-isolation .)")
     torch.backends.cuda.matmul.allow_tf32 = False
     report = run(args, TEXT, VISION, "cuda")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"e2e-{gpu_slug()}-{report['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    log.info("wrote %s.json and .md", stem)
+    write_report(args.out / f"e2e-{gpu_slug()}-{report['date']}", report, markdown(report))
     print(markdown(report))
     return report
 

@@ -38,7 +38,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch (and its lib
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import pstats  # noqa: E402
 import resource  # noqa: E402
@@ -57,7 +56,7 @@ from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGene
                           LogitsProcessorList, PhiConfig)
 
 import phi_fast  # noqa: E402
-from bench.common import RESULTS, ROOT, git_commit  # noqa: E402
+from bench.common import RESULTS, ROOT, git_commit, write_report  # noqa: E402
 from phi_fast.checkpoint_writer import random_tensor  # noqa: E402
 from phi_fast.image import load_image, preprocess  # noqa: E402
 from phi_fast.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt  # noqa: E402
@@ -398,11 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         f"CLIP {v['image_size']}px/{v['patch_size']}, hidden {v['hidden_size']}, "
                         f"{v['num_attention_heads']} heads, {v['num_hidden_layers']} layers; random weights, fp32"),
               "ceilings": ceilings, "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"e2e_cpu-{report['gpu']}-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    log.info("wrote %s.json and .md", stem)
+    write_report(args.out / f"e2e_cpu-{report['gpu']}-{date}", report, markdown(report))
     log.info("%s", markdown(report))
     return report
 
