@@ -75,7 +75,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(req.take_new_text())
         n = len(req.output_ids)
         decode = f", decode {(n - 1) / (t6 - t5):.1f} tokens/s" if n > 1 else ""
-        print(f"timings:    write {t1 - t0:.2f} s, load {t2 - t1:.2f} s, image encode + prompt {(t4 - t3) * 1e3:.0f} ms, "
+        print(f"timings:    write {t1 - t0:.2f} s, load {t2 - t1:.2f} s, "
+              f"image encode + prompt {(t4 - t3) * 1e3:.0f} ms, "
               f"first token {(t5 - t3) * 1e3:.0f} ms{decode} ({n} tokens, {req.finish_reason}) "
               f"on {model.device} in {str(model.dtype).replace('torch.', '')}")
     return 0

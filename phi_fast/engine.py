@@ -204,7 +204,8 @@ class Engine:
         keys = req.all_keys()
         best, best_len = None, 0
         for other in self.running + self.retained:
-            n = min(_common_prefix(keys, other.all_keys()[: other.seq.length]), len(keys) - 1)  # the last token is always computed: its logits are needed
+            # the last token is always computed: its logits are needed
+            n = min(_common_prefix(keys, other.all_keys()[: other.seq.length]), len(keys) - 1)
             if n > best_len:
                 best, best_len = other, n
         if best is not None and best_len >= self.pool.page_size:

@@ -121,7 +121,8 @@ class PhiDecoder:
         cfg, w = self.cfg, self.w
         t, c = x.shape
         eps, scale = cfg.layer_norm_eps, cfg.head_dim ** -0.5
-        lns = [(lw["ln.weight"], lw["ln.bias"]) for lw in self.layers] + [(w["text.final_ln.weight"], w["text.final_ln.bias"])]
+        lns = [(lw["ln.weight"], lw["ln.bias"]) for lw in self.layers]
+        lns.append((w["text.final_ln.weight"], w["text.final_ln.bias"]))
         h = ops.layernorm(x, *lns[0], eps)
         for i, lw in enumerate(self.layers):
             qkv = F.linear(h, lw["qkv.weight"], lw["qkv.bias"]).view(t, 3, cfg.num_heads, cfg.head_dim)

@@ -122,6 +122,12 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     return _impl(backend).paged_attention(q, key_cache, value_cache, block_table, seq_lens, cu_seqlens_q, scale)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """out = x @ weight^T + bias (bias may be None). x: [M, K]; weight: [N, K]; bias: [N] -> [M, N] in x's dtype."""
+    return _impl(backend).linear(x, weight, bias)
+
+
 def patchify(pixels: torch.Tensor, patch: int, mean: torch.Tensor | None = None,
              std: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Images to the patch-embedding GEMM's input.

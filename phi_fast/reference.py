@@ -152,6 +152,12 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     return out
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out = x @ weight^T + bias (bias may be None). x: [M, K]; weight: [N, K]; bias: [N] -> [M, N] in x's dtype."""
+    out = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
+    return out.to(x.dtype)
+
+
 def patchify(pixels: torch.Tensor, patch: int, mean: torch.Tensor | None = None,
              std: torch.Tensor | None = None) -> torch.Tensor:
     """Images to the patch-embedding GEMM's input.
