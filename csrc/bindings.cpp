@@ -44,6 +44,8 @@ PYBIND11_MODULE(_C, m) {
         "LayerNorm(cat(class, patches) + pos). patches: [B, N, C] -> [B, N + 1, C].", py::arg("patches"),
         py::arg("class_embedding"), py::arg("position_embedding"), py::arg("weight"), py::arg("bias"),
         py::arg("eps"));
+  m.def("linear", &linear, "out = x @ weight^T + bias (bias may be None). x: [M, K]; weight: [N, K] -> [M, N].",
+        py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("has_cuda", [] { return kWithCuda; }, "Whether the CUDA kernels were compiled in.");
   m.def("cuda_archs", [] { return std::string(PHI_FAST_CUDA_ARCHS); },
         "TORCH_CUDA_ARCH_LIST the CUDA kernels were compiled for ('' without CUDA).");

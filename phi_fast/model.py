@@ -1,8 +1,9 @@
 """LLaVA-Phi as plain tensors: CLIP ViT tower -> mlp2x_gelu projector -> Phi-2 decoder (spec/llava-phi.md).
 
 Weights come from `weights.load_weights` under canonical names, already in the layout the ops want
-(qkv rows ordered (3, heads, head_dim), the patch conv as a [C, 3*p*p] matrix). GEMMs go through torch;
-everything around them is a fused op from `phi_fast.ops`. The model knows no requests: it sees token
+(qkv rows ordered (3, heads, head_dim), the patch conv as a [C, 3*p*p] matrix). Every step is an op of
+`phi_fast.ops`; `ops.linear` is torch's GEMM except for decode-sized products on the CPU, where our GEMV reads
+the weights near memory bandwidth (MKL's does not: bench/NOTES.md). The model knows no requests: it sees token
 embeddings, positions and the paged-cache metadata of one step (`StepBatch`).
 """
 
@@ -64,11 +65,12 @@ class VisionTower:
         if self.layers:
             h = ops.layernorm(x, self.layers[0]["ln1.weight"], self.layers[0]["ln1.bias"], cfg.layer_norm_eps)
         for i, lw in enumerate(self.layers):
-            qkv = F.linear(h, lw["qkv.weight"], lw["qkv.bias"]).view(-1, 3, cfg.num_heads, cfg.head_dim)
+            qkv = ops.linear(h, lw["qkv.weight"], lw["qkv.bias"]).view(-1, 3, cfg.num_heads, cfg.head_dim)
             o = ops.prefill_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cfg.head_dim ** -0.5, False)
-            attn = F.linear(o.view(-1, c), lw["out.weight"], lw["out.bias"])
+            attn = ops.linear(o.view(-1, c), lw["out.weight"], lw["out.bias"])
             x, h = ops.add_layernorm(x, attn, None, lw["ln2.weight"], lw["ln2.bias"], cfg.layer_norm_eps)
-            mlp = F.linear(self._act(F.linear(h, lw["fc1.weight"]), lw["fc1.bias"]), lw["fc2.weight"], lw["fc2.bias"])
+            mlp = ops.linear(self._act(ops.linear(h, lw["fc1.weight"]), lw["fc1.bias"]), lw["fc2.weight"],
+                             lw["fc2.bias"])
             if i + 1 < len(self.layers):
                 nxt = self.layers[i + 1]
                 x, h = ops.add_layernorm(x, mlp, None, nxt["ln1.weight"], nxt["ln1.bias"], cfg.layer_norm_eps)
@@ -93,10 +95,10 @@ class Projector:
         """features: [B, N, Cv] -> [B, N, C]; or written into out (B views of [N, C]) with no extra copy."""
         w = self.w
         b, n, cv = features.shape
-        h = F.linear(features.reshape(b * n, cv), w["projector.fc1.weight"])
+        h = ops.linear(features.reshape(b * n, cv), w["projector.fc1.weight"])
         h = ops.bias_gelu(h, w["projector.fc1.bias"], approximate="none")  # [B * N, Cp]
         if out is None:
-            return F.linear(h, w["projector.fc2.weight"], w["projector.fc2.bias"]).view(b, n, -1)
+            return ops.linear(h, w["projector.fc2.weight"], w["projector.fc2.bias"]).view(b, n, -1)
         for i, dst in enumerate(out):
             torch.addmm(w["projector.fc2.bias"], h[i * n:(i + 1) * n], w["projector.fc2.weight"].t(), out=dst)
         return None
@@ -125,21 +127,22 @@ class PhiDecoder:
         lns.append((w["text.final_ln.weight"], w["text.final_ln.bias"]))
         h = ops.layernorm(x, *lns[0], eps)
         for i, lw in enumerate(self.layers):
-            qkv = F.linear(h, lw["qkv.weight"], lw["qkv.bias"]).view(t, 3, cfg.num_heads, cfg.head_dim)
+            qkv = ops.linear(h, lw["qkv.weight"], lw["qkv.bias"]).view(t, 3, cfg.num_heads, cfg.head_dim)
             kc, vc = cache.key_caches[i], cache.value_caches[i]
             ops.rotary_cache(qkv, batch.positions, self.cos, self.sin, kc, vc, batch.slot_mapping)
             if batch.no_prefix:
                 o = ops.prefill_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch.cu_seqlens_q, scale, True)
             else:
                 o = ops.paged_attention(qkv[:, 0], kc, vc, batch.block_table, batch.seq_lens, batch.cu_seqlens_q, scale)
-            a = F.linear(o.view(t, c), lw["dense.weight"], lw["dense.bias"])
-            f = F.linear(ops.bias_gelu(F.linear(h, lw["fc1.weight"]), lw["fc1.bias"]), lw["fc2.weight"], lw["fc2.bias"])
+            a = ops.linear(o.view(t, c), lw["dense.weight"], lw["dense.bias"])
+            g = ops.bias_gelu(ops.linear(h, lw["fc1.weight"]), lw["fc1.bias"])
+            f = ops.linear(g, lw["fc2.weight"], lw["fc2.bias"])
             x, h = ops.add_layernorm(x, a, f, *lns[i + 1], eps)  # x = (a + f) + x, h = next LayerNorm(x)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [S, C] final hidden states -> [S, V] fp32 logits."""
-        return F.linear(h, self.w["text.lm_head.weight"], self.w["text.lm_head.bias"]).float()
+        return ops.linear(h, self.w["text.lm_head.weight"], self.w["text.lm_head.bias"]).float()
 
 
 class LlavaPhi:

@@ -35,6 +35,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& key_cache, con
                            const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
                            double scale);
 
+// linear.cpp
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
 // patch_embed.cpp
 at::Tensor patchify(const at::Tensor& pixels, int64_t patch, const std::optional<at::Tensor>& mean,
                     const std::optional<at::Tensor>& std);

@@ -1,0 +1,39 @@
+// Tensor-facing linear: checks, output allocation, dispatch. CPU calls with few rows of x (max_kernel_rows) run
+// phi_fast::cpu::linear (csrc/cpu/linear.h: the weights read once, near the memory bandwidth); larger M on the
+// CPU, and every CUDA call, go to torch's GEMM (MKL / oneDNN / cuBLAS), which wins there.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+
+#include "cpu/linear.h"
+#include "ops/checks.h"
+#include "ops/ops.h"
+
+namespace phi_fast::ops {
+namespace {
+
+// Rows of x up to which the CPU kernel beats torch's GEMM (cold weights, 2-core AMD EPYC with AVX-512,
+// bench/NOTES.md): fp32 and fp16 through M = 16 (MKL's fp32 GEMV/GEMM reach ~20 GB/s and less, torch's fp16
+// path less still); bf16 only at M = 1, since from M = 2 oneDNN's AVX512-BF16 dot products out-compute our
+// AVX2 FMAs on the widened weights.
+int64_t max_kernel_rows(at::ScalarType dtype) { return dtype == at::kBFloat16 ? 1 : 16; }
+
+}  // namespace
+
+// x: [M, K]; weight: [N, K]; bias: [N] or None -> [M, N]
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const OpContext ctx = make_context("linear", "x", x);
+  check_arg(ctx, "x", x, {-1, -1}, "[M, K]", Layout::unit_last_stride);
+  const int64_t M = x.size(0), K = x.size(1);
+  check_arg(ctx, "weight", weight, {-1, K}, "[N, K]", Layout::contiguous);
+  const int64_t N = weight.size(0);
+  if (bias) check_arg(ctx, "bias", *bias, {N}, "[N]", Layout::contiguous);
+  if (ctx.device.is_cuda() || M > max_kernel_rows(ctx.scalar_type)) return at::linear(x, weight, bias);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (out.numel() == 0) return out;
+  cpu::linear(out.data_ptr(), x.data_ptr(), x.stride(0), weight.data_ptr(), bias ? bias->data_ptr() : nullptr, M, N,
+              K, ctx.dtype, at::get_num_threads());
+  return out;
+}
+
+}  // namespace phi_fast::ops
