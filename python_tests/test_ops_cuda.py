@@ -353,6 +353,33 @@ def test_patchify_float(dtype):
     assert torch.equal(out, reference.patchify(pixels, 14))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("height,width", [(28, 28), (42, 28), (336, 336)])
+@pytest.mark.parametrize("pixel_kind", ["uint8", "float"])
+def test_patch_embed_equals_conv2d_cat_add_layer_norm(dtype, batch, height, width, pixel_kind):
+    """The whole vision stem against PyTorch's modules: Conv2d (no bias) -> flatten -> cat class -> + pos -> LN."""
+    hidden, patch = 64, 14
+    n = (height // patch) * (width // patch)
+    conv = _randn(hidden, 3, patch, patch, dtype=torch.float32, seed=60, scale=0.05)
+    cls, pos = _randn(hidden, dtype=torch.float32, seed=61), _randn(n + 1, hidden, dtype=torch.float32, seed=62)
+    ln_w = 1 + _randn(hidden, dtype=torch.float32, seed=63, scale=0.1)
+    ln_b = _randn(hidden, dtype=torch.float32, seed=64)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=DEV)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=DEV)
+    raw = torch.randint(0, 256, (batch, 3, height, width), generator=_gen(65), device=DEV, dtype=torch.uint8)
+    normalized = (raw.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    conv_out = torch.nn.functional.conv2d(normalized, conv, stride=patch)  # [B, C, h, w], the fp32 reference
+    x = torch.cat([cls.expand(batch, 1, hidden), conv_out.flatten(2).transpose(1, 2)], dim=1) + pos
+    expected = torch.nn.functional.layer_norm(x, (hidden,), ln_w, ln_b, 1e-5)
+    pixels = raw if pixel_kind == "uint8" else normalized.to(dtype)
+    out = ops.patch_embed(pixels, conv.reshape(hidden, -1).to(dtype), cls.to(dtype), pos.to(dtype), ln_w.to(dtype),
+                          ln_b.to(dtype), 1e-5, patch, mean, std, backend="cpp")
+    assert out.shape == (batch, n + 1, hidden) and out.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
 # ---- CUDA graphs ------------------------------------------------------------------------------------------
 
 def test_decode_step_is_graph_capturable():
