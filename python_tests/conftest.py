@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from phi_fast.tokenizer import Tokenizer
+from tokenizer_fixture import write_tokenizer
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped when torch sees none)")
@@ -17,3 +20,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def nan_filled_outputs():
+    """torch.empty (and the extension's at::empty) return NaN-filled memory during the test: unwritten outputs fail."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was_deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+@pytest.fixture(scope="module", params=["json", "files"])
+def tokenizer_dir(request, tmp_path_factory):
+    """A small trained byte-level BPE tokenizer, as tokenizer.json and as vocab.json + merges.txt."""
+    return write_tokenizer(tmp_path_factory.mktemp(f"tok_{request.param}"), request.param)
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir) -> Tokenizer:
+    return Tokenizer.from_dir(tokenizer_dir)

@@ -21,18 +21,7 @@ from phi_fast import ops, reference
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-4, 1.6e-2)}  # (atol, rtol)
 CPP = "cpp"
-
-
-@pytest.fixture(autouse=True)
-def nan_filled_outputs():
-    """torch.empty (and the extension's at::empty) return NaN-filled memory during each test."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    was_filling = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(was_deterministic)
-    torch.utils.deterministic.fill_uninitialized_memory = was_filling
+pytestmark = pytest.mark.usefixtures("nan_filled_outputs")  # unwritten outputs fail
 
 
 def _randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:

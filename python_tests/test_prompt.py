@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from tokenizer_fixture import write_tokenizer
 
 from phi_fast.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
-from phi_fast.tokenizer import Tokenizer
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions.")
-
-
-@pytest.fixture(scope="module", params=["json", "files"])
-def tokenizer_dir(request, tmp_path_factory):
-    return write_tokenizer(tmp_path_factory.mktemp(f"tok_{request.param}"), request.param)
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir) -> Tokenizer:
-    return Tokenizer.from_dir(tokenizer_dir)
 
 
 def test_single_turn_template_is_exact():

@@ -22,16 +22,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["json", "files"])
-def tokenizer_dir(request, tmp_path_factory):
-    return write_tokenizer(tmp_path_factory.mktemp(f"tok_{request.param}"), request.param)
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir) -> Tokenizer:
-    return Tokenizer.from_dir(tokenizer_dir)
-
-
 def test_both_formats_give_the_same_ids(tmp_path):
     from_json = Tokenizer.from_dir(write_tokenizer(tmp_path / "json", "json"))
     from_files = Tokenizer.from_dir(write_tokenizer(tmp_path / "files", "files"))
