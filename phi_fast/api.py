@@ -48,13 +48,15 @@ class Model:
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
              dtype: str | torch.dtype | None = None, *, progress: bool = True,
              cache_memory: int | float | None = None, page_size: int = 16, max_num_seqs: int = 64,
-             cuda_graphs: bool | None = None) -> "Model":
+             cuda_graphs: bool | None = None, prefix_cache: int = 16) -> "Model":
         """Load a checkpoint folder (config.json, safetensors, tokenizer) in any supported layout.
 
         device: "cpu" or "cuda[:N]". dtype: float32/bfloat16/float16 (default float32 on CPU, bfloat16 on CUDA).
         cache_memory: KV cache size in bytes (int) or as a fraction of free device memory after the weights
         (float); default: room for two full contexts on CPU, 0.9 of the free memory on CUDA.
         cuda_graphs: replay decode steps as CUDA graphs (default: on CUDA devices).
+        prefix_cache: finished requests whose KV pages stay cached for later prompts with the same prefix (the
+        same image); their pages are the first to go when the cache runs short. 0 turns it off.
         """
         path = Path(path)
         device = _check_device(device)
@@ -71,7 +73,8 @@ class Model:
         pool = PagePool(num_layers=t.num_layers, num_heads=t.num_heads, head_dim=t.head_dim, num_pages=num_pages,
                         page_size=page_size, dtype=dtype, device=device)
         log.info("KV cache: %d pages of %d tokens (%.1f MiB)", num_pages, page_size, num_pages * page_bytes / 2**20)
-        engine = Engine(llava, tokenizer, pool, max_num_seqs=max_num_seqs, use_cuda_graphs=cuda_graphs)
+        engine = Engine(llava, tokenizer, pool, max_num_seqs=max_num_seqs, use_cuda_graphs=cuda_graphs,
+                        prefix_cache=prefix_cache)
         return cls(config, llava, tokenizer, engine, path)
 
     def generate(self, image: ImageInput | None | Sequence[ImageInput | None], prompt: str | Sequence[str], *,

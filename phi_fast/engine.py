@@ -4,7 +4,9 @@ Each step either prefills newly admitted requests (one varlen batch) or decodes 
 request. A request whose prompt shares a prefix with a cached sequence (same image, same tokens) starts from
 that sequence's pages. When a decode step runs out of pages, the newest running request is preempted: its
 pages are freed and it is recomputed later from its prompt and the tokens it already produced, so its output
-is neither lost nor repeated. The engine is the only place that knows about requests and pages.
+is neither lost nor repeated. Finished requests keep their pages as a prefix cache (the last `prefix_cache` of
+them, dropped first when pages run short), so a later question about the same image starts from the image's
+cached K/V. The engine is the only place that knows about requests and pages.
 
 Decode steps run through a DecodeGraphRunner (CUDA graphs on a GPU, the same step eagerly on CPU) and are
 pipelined: step n is launched with the tokens of step n - 1 fed back on the device, then the host reads step
@@ -89,7 +91,7 @@ class Engine:
     """Continuous batching over one model, one tokenizer and one page pool."""
 
     def __init__(self, model: LlavaPhi, tokenizer, pool: PagePool, *, max_num_seqs: int = 64,
-                 max_prefill_tokens: int = 8192, use_cuda_graphs: bool | None = None):
+                 max_prefill_tokens: int = 8192, use_cuda_graphs: bool | None = None, prefix_cache: int = 16):
         self.model = model
         self.tokenizer = tokenizer
         self.pool = pool
@@ -99,6 +101,8 @@ class Engine:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.retained: list[Request] = []  # finished chat turns whose pages stay cached
+        self.cached: list[Request] = []  # finished requests kept as a prefix cache, oldest first
+        self.prefix_cache = prefix_cache
         self._ids = itertools.count()
         self.graphs = DecodeGraphRunner(model, pool, max_num_seqs=max_num_seqs, use_graphs=use_cuda_graphs)
         self._inflight: tuple[list[Request], PendingTokens] | None = None  # the last decode launch, not yet read
@@ -183,14 +187,14 @@ class Engine:
             need = req.seq.pages_needed(self.pool, n - req.seq.length)
             if need > self.pool.num_free:
                 req.seq.free(self.pool)
-                if not self.running and not admitted and need > self.pool.num_free + self._reclaimable():
+                if not self.running and not admitted and not (self.cached or self.retained):
                     self.waiting.pop(0)
                     self._fail(req, CacheFullError(
                         f"request {req.id} needs {need} KV pages of {self.pool.page_size} tokens for its "
                         f"{n}-token prompt, more than the whole cache ({self.pool.num_pages} pages) can give"))
                     continue
                 if not self.running and not admitted:
-                    self._drop_retained()
+                    self._evict()
                     continue
                 break
             self.waiting.pop(0)
@@ -203,7 +207,7 @@ class Engine:
         """Start req's cache with the longest prefix some cached sequence already holds (whole pages kept)."""
         keys = req.all_keys()
         best, best_len = None, 0
-        for other in self.running + self.retained:
+        for other in self.running + self.retained + self.cached:
             # the last token is always computed: its logits are needed
             n = min(_common_prefix(keys, other.all_keys()[: other.seq.length]), len(keys) - 1)
             if n > best_len:
@@ -211,13 +215,18 @@ class Engine:
         if best is not None and best_len >= self.pool.page_size:
             req.seq.share_from(self.pool, best.seq, best_len)
 
-    def _reclaimable(self) -> int:
-        return sum(len(r.seq.pages) for r in self.retained)
-
-    def _drop_retained(self) -> None:
-        for r in self.retained:
+    def _evict(self) -> None:
+        """Free the prefix cache, else the retained chat turns."""
+        victims = self.cached or self.retained
+        for r in victims:
             r.seq.free(self.pool)
-        self.retained.clear()
+        victims.clear()
+
+    def clear_prefix_cache(self) -> None:
+        """Return the pages of every cached finished request to the pool (chat turns stay)."""
+        for r in self.cached:
+            r.seq.free(self.pool)
+        self.cached.clear()
 
     def _prefill(self, admitted: list[tuple[Request, int, list[int]]]) -> None:
         reqs = [req for req, _, _ in admitted]
@@ -285,9 +294,9 @@ class Engine:
         return tokens.tolist()
 
     def _preempt(self, exclude: Request) -> bool:
-        """Free the newest running request other than `exclude` (or retained pages); False if none."""
-        if self.retained:
-            self._drop_retained()
+        """Free cached pages, else the newest running request other than `exclude`; False if neither."""
+        if self.cached or self.retained:
+            self._evict()
             return True
         victims = [r for r in self.running if r is not exclude]
         if not victims:
@@ -350,11 +359,16 @@ class Engine:
         req.finish_reason = reason
         if req in self.running:
             self.running.remove(req)
-        if req.keep_cache and reason != "error":
-            req.seq.length = min(req.seq.length, req.num_tokens)  # a token in flight after EOS is not kept
-            self.retained.append(req)
-        else:
+        if reason in ("error", "aborted") or not (req.keep_cache or self.prefix_cache):
             req.seq.free(self.pool)
+            return
+        req.seq.length = min(req.seq.length, req.num_tokens)  # a token in flight after EOS is not kept
+        if req.keep_cache:
+            self.retained.append(req)
+            return
+        self.cached.append(req)
+        while len(self.cached) > self.prefix_cache:
+            self.cached.pop(0).seq.free(self.pool)
 
     def _fail(self, req: Request, error: Exception) -> None:
         log.error("request %d failed: %s", req.id, error)

@@ -68,7 +68,9 @@ def test_batch_with_requests_joining_midway_equals_each_alone(ckpt, alone):
     reqs += [model.engine.add(*_request(model, i), params) for i in range(2, 5)]
     model.engine.run()
     assert [r.output_ids for r in reqs] == alone
-    assert _used(model) == 0  # every page went back to the pool
+    assert len(model.engine.cached) == 5  # finished requests stay as a prefix cache ...
+    model.engine.clear_prefix_cache()
+    assert _used(model) == 0  # ... and every page goes back to the pool when it is dropped
 
 
 def test_list_api_keeps_order(ckpt, alone):
@@ -138,6 +140,7 @@ def test_request_that_can_never_fit_fails_alone(ckpt, alone):
     model.engine.run()
     assert isinstance(huge.error, CacheFullError) and "more than the whole cache" in str(huge.error)
     assert [r.output_ids for r in ok] == alone[:2]
+    model.engine.clear_prefix_cache()
     assert _used(model) == 0
 
 
@@ -159,6 +162,41 @@ def test_chat_equals_rerunning_the_conversation(ckpt):
         turns.append((q, a))
     chat.close()
     assert _used(model) == 0
+
+
+def test_later_question_about_the_same_image_reuses_its_cached_pages(ckpt, alone):
+    model = phi_fast.load(ckpt, progress=False)
+    params = SamplingParams(max_new_tokens=24)
+    first = model.engine.add(*_request(model, 0, image_seed=3), params)
+    model.engine.run()
+    assert first in model.engine.cached
+    image_pages = set(first.seq.pages[: first.seq.length // 16])  # full pages: system prompt + image rows
+    second = model.engine.add(*_request(model, 1, image_seed=3), params)
+    model.engine.step()  # prefill
+    assert image_pages & set(second.seq.pages), "the second question should start from the cached pages"
+    model.engine.run()
+    fresh = phi_fast.load(ckpt, progress=False, prefix_cache=0)
+    again = fresh.engine.add(*_request(fresh, 1, image_seed=3), params)
+    fresh.engine.run()
+    assert second.output_ids == again.output_ids
+    assert not fresh.engine.cached and _used(fresh) == 0  # prefix_cache=0: pages go back at once
+
+
+def test_prefix_cache_keeps_the_newest_and_yields_to_running_requests(ckpt, alone):
+    model = phi_fast.load(ckpt, progress=False, prefix_cache=2)
+    params = SamplingParams(max_new_tokens=24)
+    reqs = []
+    for i in range(4):
+        reqs.append(model.engine.add(*_request(model, i), params))
+        model.engine.run()
+    assert model.engine.cached == reqs[2:]
+    t = model.config.text
+    page_bytes = PagePool.page_bytes(t.num_layers, t.num_heads, t.head_dim, 16, torch.float32)
+    small = phi_fast.load(ckpt, progress=False, cache_memory=12 * page_bytes)
+    for i in range(5):  # each request alone fits; the cached ones must make room
+        req = small.engine.add(*_request(small, i), params)
+        small.engine.run()
+        assert req.output_ids == alone[i]
 
 
 def test_abandoned_stream_frees_its_pages(ckpt):
