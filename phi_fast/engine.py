@@ -42,10 +42,12 @@ class Request:
 
     id: int
     keys: list[Hashable]  # identity of each prompt position: a token id or (image digest, row)
-    embeds: torch.Tensor  # [T_prompt, C] prompt embeddings, images spliced in
+    prompt_ids: list[int]  # with IMAGE_TOKEN_INDEX markers
+    pixels: torch.Tensor | None  # [n_images, 3, S, S], encoded only if some image row is not in a cached prefix
     params: SamplingParams
     seed: int  # params.seed (or a random one) in [0, 2^63): with a token's position, it fixes the token drawn
     seq: SequencePages = field(default_factory=SequencePages)
+    embeds: torch.Tensor | None = None  # [T_prompt, C] prompt embeddings with the images spliced in, once needed
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `visible_text` already streamed
@@ -129,9 +131,9 @@ class Engine:
                 keys.extend((d, r) for r in range(n_img))
             else:
                 keys.append(t)
-        embeds = self.model.embed_prompt(prompt_ids, torch.stack(pixels) if pixels else None)
         seed = params.seed % 2**63 if params.seed is not None else random.getrandbits(63)
-        req = Request(next(self._ids), keys, embeds, params, seed, keep_cache=keep_cache)
+        req = Request(next(self._ids), keys, prompt_ids, torch.stack(pixels) if pixels else None, params, seed,
+                      keep_cache=keep_cache)
         self.waiting.append(req)
         return req
 
@@ -312,12 +314,23 @@ class Engine:
     # --- step inputs and outputs --------------------------------------------------------------------------
 
     def _embeds(self, req: Request, start: int) -> torch.Tensor:
-        """Embeddings of req's tokens from position start on: prompt rows, then generated tokens. [n, C]"""
-        n_prompt = len(req.keys)
-        parts = [req.embeds[start:]] if start < n_prompt else []
+        """Embeddings of req's tokens from position start on: prompt rows, then generated tokens. [n, C]
+
+        The images go through CLIP only when one of their rows lies at or after start (not in a shared prefix);
+        the result is kept for a recompute after preemption.
+        """
+        n_prompt, dev = len(req.keys), self.model.device
+        parts = []
+        if start < n_prompt:
+            if req.embeds is None and any(isinstance(k, tuple) for k in req.keys[start:]):
+                req.embeds = self.model.embed_prompt(req.prompt_ids, req.pixels)
+            if req.embeds is not None:
+                parts.append(req.embeds[start:])
+            else:  # only text after the cached prefix
+                parts.append(self.model.decoder.embed(torch.tensor(req.keys[start:], device=dev)))
         gen = req.output_ids[max(start - n_prompt, 0):]
         if gen:
-            parts.append(self.model.decoder.embed(torch.tensor(gen, device=self.model.device)))
+            parts.append(self.model.decoder.embed(torch.tensor(gen, device=dev)))
         return torch.cat(parts)
 
     def _batch(self, reqs: list[Request], positions: list[int], slots: list[int], q_lens: list[int],

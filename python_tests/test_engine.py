@@ -171,9 +171,16 @@ def test_later_question_about_the_same_image_reuses_its_cached_pages(ckpt, alone
     model.engine.run()
     assert first in model.engine.cached
     image_pages = set(first.seq.pages[: first.seq.length // 16])  # full pages: system prompt + image rows
+    encodes = []
+    vision = model.llava.vision
+    model.llava.vision = lambda pixels: encodes.append(pixels) or vision(pixels)
     second = model.engine.add(*_request(model, 1, image_seed=3), params)
     model.engine.step()  # prefill
     assert image_pages & set(second.seq.pages), "the second question should start from the cached pages"
+    assert not encodes, "the image's rows are all cached: CLIP must not run again"
+    third = model.engine.add(*_request(model, 1, image_seed=4), params)  # another image: encoded
+    model.engine.run()
+    assert len(encodes) == 1 and third.finished and third.error is None
     model.engine.run()
     fresh = phi_fast.load(ckpt, progress=False, prefix_cache=0)
     again = fresh.engine.add(*_request(fresh, 1, image_seed=3), params)
