@@ -370,6 +370,7 @@ class Engine:
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
+        req.embeds = req.pixels = None  # a finished request is only ever a cached prefix: keys and pages
         if req in self.running:
             self.running.remove(req)
         if reason in ("error", "aborted") or not (req.keep_cache or self.prefix_cache):
