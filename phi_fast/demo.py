@@ -65,7 +65,7 @@ def run_demo(args: argparse.Namespace) -> int:
         t3 = time.perf_counter()
         req = model._submit([(demo_image(), prompt)], SamplingParams(**sampling_kwargs(args)))[0]
         t4 = time.perf_counter()
-        model.engine.step()  # prefill: the first token
+        model.engine.step()  # CLIP, projector and prefill: the first token
         t5 = time.perf_counter()
         while not req.finished:
             model.engine.step()
@@ -76,7 +76,7 @@ def run_demo(args: argparse.Namespace) -> int:
         n = len(req.output_ids)
         decode = f", decode {(n - 1) / (t6 - t5):.1f} tokens/s" if n > 1 else ""
         print(f"timings:    write {t1 - t0:.2f} s, load {t2 - t1:.2f} s, "
-              f"image encode + prompt {(t4 - t3) * 1e3:.0f} ms, "
-              f"first token {(t5 - t3) * 1e3:.0f} ms{decode} ({n} tokens, {req.finish_reason}) "
+              f"preprocess + tokenize {(t4 - t3) * 1e3:.0f} ms, "
+              f"first token (image encode + prefill included) {(t5 - t3) * 1e3:.0f} ms{decode} ({n} tokens, {req.finish_reason}) "
               f"on {model.device} in {str(model.dtype).replace('torch.', '')}")
     return 0
