@@ -6,20 +6,22 @@
 #   bash bench/gpu_session.sh bench     # kernel microbenchmarks + the end-to-end benchmark vs transformers
 set -uo pipefail
 OUT=${OUT:-bench/results}
+PY=${PYTHON:-python3}  # the GPU machine's python3 holds its torch; there may be no plain `python`
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 case "${1:-all}" in
   build|all)
-    pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
-    python -m phi_fast.env | tee "$OUT/env.txt" ;;&
+    $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+    $PY -m phi_fast.env | tee "$OUT/env.txt" ;;&
   test|all)
-    python -m pytest python_tests -m cuda -q -rs 2>&1 | tee "$OUT/cuda-tests.log"
-    if command -v compute-sanitizer >/dev/null; then
-      compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest python_tests/test_ops_cuda.py -q -x \
+    $PY -m pytest python_tests -m cuda -q -rs 2>&1 | tee "$OUT/cuda-tests.log"
+    if command -v compute-sanitizer >/dev/null; then  # may refuse the device under gVisor (device KINDS.md)
+      compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest python_tests/test_ops_cuda.py -q -x \
         -k "not 2048" 2>&1 | tail -40 | tee "$OUT/memcheck.log"
     fi ;;&
   bench|all)
     for suite in norm activation rotary_cache attention patch_embed gemm; do
-      python -m bench.kernels.$suite --out "$OUT" 2>&1 | tail -30
+      $PY -m bench.kernels.$suite --out "$OUT" 2>&1 | tail -30
     done
-    python -m bench.e2e --out "$OUT" 2>&1 | tail -40 ;;
+    $PY -m bench.e2e --out "$OUT" 2>&1 | tail -40 ;;
 esac
