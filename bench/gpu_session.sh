@@ -4,6 +4,8 @@
 #   bash bench/gpu_session.sh build     # build the extension with its CUDA kernels, print the environment
 #   bash bench/gpu_session.sh test      # the cuda-marked tests, then compute-sanitizer memcheck on the op tests
 #   bash bench/gpu_session.sh bench     # kernel microbenchmarks + the end-to-end benchmark vs transformers
+# The in-place build lives only while the machine stays warm: after a cold start, build again in the same call
+# (e.g. `bash bench/gpu_session.sh build && bash bench/gpu_session.sh test`).
 set -uo pipefail
 OUT=${OUT:-bench/results}
 PY=${PYTHON:-python3}  # the GPU machine's python3 holds its torch; there may be no plain `python`
