@@ -32,6 +32,7 @@ from .kv_cache import CacheFullError, PagePool, SequencePages
 from .model import LlavaPhi, StepBatch
 from .prompt import IMAGE_TOKEN_INDEX
 from .sampling import SamplingParams
+from .tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Request:
     seed: int  # params.seed (or a random one) in [0, 2^63): with a token's position, it fixes the token drawn
     seq: SequencePages = field(default_factory=SequencePages)
     embeds: torch.Tensor | None = None  # [T_prompt, C] prompt embeddings with the images spliced in, once needed
+    decoder: StreamDecoder | None = None  # output ids -> text, incrementally
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `visible_text` already streamed
@@ -73,8 +75,6 @@ class Request:
         if self.finished:
             return text
         end = len(text.rstrip())
-        if text.endswith("\ufffd"):  # a byte-level token split a character: wait for the rest
-            end = min(end, len(text.rstrip("\ufffd")))
         for s in self.params.stop:
             for k in range(min(len(s) - 1, end), 0, -1):
                 if text[:end].endswith(s[:k]):
@@ -133,7 +133,7 @@ class Engine:
                 keys.append(t)
         seed = params.seed % 2**63 if params.seed is not None else random.getrandbits(63)
         req = Request(next(self._ids), keys, prompt_ids, torch.stack(pixels) if pixels else None, params, seed,
-                      keep_cache=keep_cache)
+                      decoder=self.tokenizer.stream_decoder(), keep_cache=keep_cache)
         self.waiting.append(req)
         return req
 
@@ -360,15 +360,28 @@ class Engine:
                 self._finish(req, "eos")
                 continue
             req.output_ids.append(token)
-            req.text = self.tokenizer.decode(req.output_ids)
-            cut = min((i for i in (req.text.find(s) for s in req.params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                req.text = req.text[:cut]
+            searched = len(req.text)
+            req.text += req.decoder.push(token)
+            if self._cut_at_stop(req, searched):
                 self._finish(req, "stop")
             elif len(req.output_ids) >= req.params.max_new_tokens or req.num_tokens >= self.context:
                 self._finish(req, "length")
 
+    @staticmethod
+    def _cut_at_stop(req: Request, searched: int) -> bool:
+        """Cut req.text at the first stop string (text before `searched` was already searched); True if found."""
+        start = max(0, searched - max((len(s) for s in req.params.stop), default=0) + 1)
+        cut = min((i for i in (req.text.find(s, start) for s in req.params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            req.text = req.text[:cut]
+        return cut >= 0
+
     def _finish(self, req: Request, reason: str) -> None:
+        if reason in ("eos", "length"):  # release the text the decoder held back, which may hold a stop string
+            searched = len(req.text)
+            req.text += req.decoder.finish()
+            if self._cut_at_stop(req, searched):
+                reason = "stop"
         req.finish_reason = reason
         req.embeds = req.pixels = None  # a finished request is only ever a cached prefix: keys and pages
         if req in self.running:

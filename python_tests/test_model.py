@@ -235,5 +235,5 @@ class _EosAs:
     def __init__(self, tokenizer, eos: int):
         self._tok, self.eos_token_id = tokenizer, eos
 
-    def decode(self, ids):
-        return self._tok.decode(ids)
+    def stream_decoder(self):
+        return self._tok.stream_decoder()
