@@ -43,3 +43,12 @@ def tokenizer_dir(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(tokenizer_dir) -> Tokenizer:
     return Tokenizer.from_dir(tokenizer_dir)
+
+
+@pytest.fixture
+def torch_threads(threads):
+    """The test runs with torch's thread count (which the C++ ops hand to their kernels) set to `threads`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    yield threads
+    torch.set_num_threads(before)

@@ -75,15 +75,11 @@ def test_linear_strided_x(dtype, m):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("m", [1, 4, 13])
-def test_linear_on_every_thread_split(threads, m):
+def test_linear_on_every_thread_split(torch_threads, m):
     """Weights of MBs fork a team that splits N; N = 3001 leaves a ragged last block on each thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for dtype in (torch.float32, torch.bfloat16):
-            _check(*_case(m, 2560, 3001, dtype, with_bias=True, seed=threads), f"linear {threads} threads {dtype}")
-    finally:
-        torch.set_num_threads(before)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check(*_case(m, 2560, 3001, dtype, with_bias=True, seed=torch_threads),
+               f"linear {torch_threads} threads {dtype}")
 
 
 def test_linear_empty():

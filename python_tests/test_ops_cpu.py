@@ -283,30 +283,20 @@ def test_paged_attention(dtype, head_dim, case, page_size):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seq_lens", [[1100], [900, 1300], [700, 5, 1200]], ids=["1seq", "2seqs", "3seqs"])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_paged_attention_phi2_size_on_every_thread_split(dtype, seq_lens, threads):
+def test_paged_attention_phi2_size_on_every_thread_split(dtype, seq_lens, torch_threads):
     """Phi-2-sized decode (32 heads x 80, ~1000 keys) is big enough to fork a team: heads split across threads
     when there are fewer sequences than threads, sequences otherwise."""
     q, kc, vc, table, lens, cu_q = _paged_case(seq_lens, [1] * len(seq_lens), 16, 32, 80, dtype, seed=31)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = ops.paged_attention(q, kc, vc, table, lens, cu_q, 80 ** -0.5, backend=CPP)
-    finally:
-        torch.set_num_threads(before)
+    out = ops.paged_attention(q, kc, vc, table, lens, cu_q, 80 ** -0.5, backend=CPP)
     _assert_close(out, reference.paged_attention(q, kc, vc, table, lens, cu_q, 80 ** -0.5), dtype, "paged 32x80")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_large_norm_and_gelu_on_every_thread_split(threads):
+def test_large_norm_and_gelu_on_every_thread_split(torch_threads):
     x, a, b = (_randn(2048, 2560, seed=s) for s in (41, 42, 43))
     w, bias = _randn(2560, seed=44), _randn(2560, seed=45)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        s_out, y = ops.add_layernorm(x, a, b, w, bias, 1e-5, backend=CPP)
-        g = ops.bias_gelu(a, bias, "tanh", backend=CPP)
-    finally:
-        torch.set_num_threads(before)
+    s_out, y = ops.add_layernorm(x, a, b, w, bias, 1e-5, backend=CPP)
+    g = ops.bias_gelu(a, bias, "tanh", backend=CPP)
     s_ref, y_ref = reference.add_layernorm(x, a, b, w, bias, 1e-5)
     _assert_close(s_out, s_ref, torch.float32, "add_layernorm sum")
     _assert_close(y, y_ref, torch.float32, "add_layernorm")
