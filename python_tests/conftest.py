@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,3 +57,17 @@ def torch_threads(threads):
     torch.set_num_threads(threads)
     yield threads
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def run_portable():
+    """Run Python code in a child process whose C++ kernels take their portable (non-AVX2) paths."""
+    import phi_fast
+
+    def run(code: str) -> None:
+        paths = [str(Path(phi_fast.__file__).parents[1]), os.environ.get("PYTHONPATH")]  # the phi_fast under test
+        env = {**os.environ, "PHI_FAST_CPU_PORTABLE": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return run

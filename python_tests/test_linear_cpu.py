@@ -8,10 +8,6 @@ fp16/bf16 to about two ulps of the output.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -89,7 +85,7 @@ def test_linear_empty():
         torch.testing.assert_close(out, reference.linear(x, w, b))
 
 
-def test_linear_portable_path_matches_reference():
+def test_linear_portable_path_matches_reference(run_portable):
     """The portable loops (used on CPUs without AVX2+FMA), forced by the environment."""
     code = (
         "import torch\n"
@@ -102,10 +98,7 @@ def test_linear_portable_path_matches_reference():
         "        torch.testing.assert_close(ops.linear(x, w, b, backend='cpp').float(),\n"
         "                                   reference.linear(x, w, b).float(), atol=tol, rtol=tol)\n"
     )
-    paths = [str(Path(ops.__file__).parents[1]), os.environ.get("PYTHONPATH")]  # the phi_fast under test
-    env = {**os.environ, "PHI_FAST_CPU_PORTABLE": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_portable(code)
 
 
 def _error_cases() -> dict[str, tuple]:

@@ -10,10 +10,6 @@ compute in fp32 and round once).
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -328,7 +324,7 @@ def test_rotary_cache_then_paged_attention_equals_prefill(dtype):
     _assert_close(paged, prefill, dtype, "paged vs prefill")
 
 
-def test_attention_portable_tiles_match_reference():
+def test_attention_portable_tiles_match_reference(run_portable):
     """The attention kernels' portable GEMM tiles (used on CPUs without AVX2+FMA), forced by the environment."""
     code = (
         "import torch\n"
@@ -342,10 +338,7 @@ def test_attention_portable_tiles_match_reference():
         "        torch.testing.assert_close(out, reference.prefill_attention(q, k, v, cu, d ** -0.5, causal),\n"
         "                                   atol=1e-5, rtol=1e-5)\n"
     )
-    paths = [str(Path(ops.__file__).parents[1]), os.environ.get("PYTHONPATH")]  # the phi_fast under test
-    env = {**os.environ, "PHI_FAST_CPU_PORTABLE": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_portable(code)
 
 
 # ---- patch embedding -----------------------------------------------------------------------------------------
