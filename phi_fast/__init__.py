@@ -6,7 +6,7 @@
     for piece in model.generate(image, prompt, stream=True): print(piece, end="")
 """
 
-from .api import Chat, Model, generate, load
+from .api import BatchError, Chat, Model, generate, load
 
-__all__ = ["Chat", "Model", "generate", "load"]
+__all__ = ["BatchError", "Chat", "Model", "generate", "load"]
 __version__ = "0.1.0"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
+import weakref
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
@@ -12,11 +15,12 @@ import torch
 from . import ops
 from .config import ModelConfig, load_config
 from .engine import Engine, Request
+from .engine_loop import EngineLoop
 from .image import ImageInput, load_image, preprocess, preprocess_uint8
 from .kv_cache import PagePool
 from .model import LlavaPhi
 from .prompt import build_prompt, tokenize_prompt
-from .sampling import SamplingParams
+from .sampling import SamplingParams, check_stop
 from .tokenizer import Tokenizer
 from .weights import load_weights
 
@@ -26,15 +30,40 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+SUPPORTED_HEAD_DIMS = (64, 80)  # the attention kernels' closed list (design.md section 2)
+SUPPORTED_PAGE_SIZES = (16, 32)
+
+
+class BatchError(RuntimeError):
+    """Some requests of a `Model.generate([...])` batch failed; the others' answers are kept.
+
+    answers[i]: prompt i's answer, or None where it failed; errors[i]: the exception of prompt i, or None.
+    """
+
+    def __init__(self, answers: list[str | None], errors: list[BaseException | None]):
+        self.answers = answers
+        self.errors = errors
+        failed = [i for i, e in enumerate(errors) if e is not None]
+        first = errors[failed[0]]
+        super().__init__(f"{len(failed)} of {len(errors)} requests failed (prompts {failed}); first: prompt "
+                         f"{failed[0]}: {type(first).__name__}: {first}")
+
+
 class Model:
-    """A loaded LLaVA-Phi: tokenizer, image preprocessing, weights, paged KV cache and engine."""
+    """A loaded LLaVA-Phi: tokenizer, image preprocessing, weights, paged KV cache and engine.
+
+    Safe to share between threads: every call submits its requests to one engine loop (phi_fast.engine_loop),
+    which batches concurrent calls together; each call gets exactly the answer it would get alone.
+    """
 
     def __init__(self, config: ModelConfig, llava: LlavaPhi, tokenizer: Tokenizer, engine: Engine, path: Path):
         self.config = config
         self.llava = llava
         self.tokenizer = tokenizer
-        self.engine = engine
+        self.engine = engine  # owned by self.loop's thread once a request was made through the API
         self.path = path
+        self.loop = EngineLoop(engine)
+        weakref.finalize(self, self.loop.close, 0)  # a dropped Model stops its engine thread
 
     @property
     def device(self) -> torch.device:
@@ -54,15 +83,20 @@ class Model:
         device: "cpu" or "cuda[:N]". dtype: float32/bfloat16/float16 (default float32 on CPU, bfloat16 on CUDA).
         cache_memory: KV cache size in bytes (int) or as a fraction of free device memory after the weights
         (float); default: room for two full contexts on CPU, 0.9 of the free memory on CUDA.
+        page_size: tokens per KV page (16 or 32). max_num_seqs: requests decoded together at most.
         cuda_graphs: replay decode steps as CUDA graphs (default: on CUDA devices).
         prefix_cache: finished requests whose KV pages stay cached for later prompts with the same prefix (the
         same image); their pages are the first to go when the cache runs short. 0 turns it off.
+        Everything that would fail at the first generate() (unsupported sizes, a tokenizer larger than the
+        model's vocabulary, bad engine settings) raises ValueError here, before the weights are read.
         """
         path = Path(path)
         device = _check_device(device)
         dtype = _check_dtype(dtype, device)
+        _check_settings(cache_memory, page_size, max_num_seqs, cuda_graphs, prefix_cache)
         config = load_config(path)
         tokenizer = Tokenizer.from_dir(path)
+        _check_supported(config, tokenizer, path)
         weights = load_weights(path, config, dtype=dtype, device=device, progress=progress)
         llava = LlavaPhi(config, weights)
         t = config.text
@@ -70,6 +104,8 @@ class Model:
         if cache_memory is None:
             cache_memory = 0.9 if device.type == "cuda" else 2 * t.max_position_embeddings // page_size * page_bytes
         num_pages = PagePool.pages_for_budget(cache_memory, page_bytes, device)
+        if num_pages < 1:
+            raise ValueError(f"cache_memory {cache_memory!r} holds no KV page ({page_bytes} bytes each)")
         pool = PagePool(num_layers=t.num_layers, num_heads=t.num_heads, head_dim=t.head_dim, num_pages=num_pages,
                         page_size=page_size, dtype=dtype, device=device)
         log.info("KV cache: %d pages of %d tokens (%.1f MiB)", num_pages, page_size, num_pages * page_bytes / 2**20)
@@ -79,29 +115,42 @@ class Model:
 
     def generate(self, image: ImageInput | None | Sequence[ImageInput | None], prompt: str | Sequence[str], *,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop: str | Sequence[str] | None = None,
-                 stream: bool = False) -> Union[str, list[str], Iterator[str]]:
+                 seed: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,
+                 timeout: float | None = None) -> Union[str, list[str], Iterator[str]]:
         """Answer `prompt` about `image` (None for a text-only turn) with the phi-2_v0 template.
 
-        Returns the answer, or an iterator of text pieces with stream=True. Lists of prompts (and images, or
-        None) run together as one batch and return a list of answers in the same order. Greedy at
-        temperature 0; sampling is reproducible with `seed`. Stops at EOS, a stop string or max_new_tokens,
-        and never runs past the context.
+        Returns the answer, or an iterator of text pieces with stream=True: its request is queued when the
+        iterator is first advanced, and aborted (pages freed) when it is closed or garbage-collected.
+        Lists of prompts (and images, or None) run together as one batch and return a list of answers in the
+        same order; if some of them fail (e.g. one can never fit the KV cache), BatchError carries every
+        answer that was computed and each failed prompt's exception. Greedy at temperature 0; sampling is
+        reproducible with `seed`. Stops at EOS, a stop string or max_new_tokens, and never runs past the
+        context. Every argument is checked here (ValueError naming it); timeout: seconds to wait for the whole
+        answer (TimeoutError, and the request is aborted).
         """
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, _stops(stop))
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, check_stop(stop))
+        timeout = _check_timeout(timeout)
+        if not isinstance(stream, bool):
+            raise ValueError(f"stream must be a bool, got {stream!r}")
         if isinstance(prompt, str):
-            req = self._submit([(image, prompt)], params)[0]
-            return self._stream(req) if stream else self._finish([req])[0]
+            req = self._prepare([(image, prompt)], params)[0]
+            return self._stream(req, timeout) if stream else self._answers([req], timeout, single=True)[0]
         if stream:
             raise ValueError("stream=True takes one prompt, not a list")
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
         images = list(image) if isinstance(image, (list, tuple)) else [image] * len(prompt)
         if len(images) != len(prompt):
             raise ValueError(f"got {len(images)} images for {len(prompt)} prompts")
-        return self._finish(self._submit(list(zip(images, prompt)), params))
+        return self._answers(self._prepare(list(zip(images, prompt)), params), timeout, single=False)
 
     def chat(self, image: ImageInput | None = None) -> "Chat":
         """A multi-turn conversation about `image` whose earlier turns stay in the KV cache."""
         return Chat(self, image)
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Stop the engine thread (requests still running fail with EngineLoopClosed)."""
+        self.loop.close(timeout)
 
     # --- internals ----------------------------------------------------------------------------------------
 
@@ -111,40 +160,46 @@ class Model:
         return prep(load_image(image), image_size=self.config.vision.image_size,
                     pad_to_square=self.config.pad_to_square)
 
-    def _submit(self, items: list[tuple[ImageInput | None, str]], params: SamplingParams,
-                keep_cache: bool = False) -> list[Request]:
-        prepared = []
-        for image, prompt in items:  # everything is checked before anything is queued
+    def _prepare(self, items: list[tuple[ImageInput | None, str]], params: SamplingParams,
+                 keep_cache: bool = False) -> list[Request]:
+        """Requests for (image, prompt) pairs, built and checked in the caller's thread; nothing is queued."""
+        reqs = []
+        for i, (image, prompt) in enumerate(items):
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt {i} must be a str, got {type(prompt).__name__} {prompt!r:.80}")
             text = build_prompt([(prompt, None)], with_image=image is not None)
-            prepared.append((tokenize_prompt(self.tokenizer, text), [] if image is None else [self._pixels(image)]))
-        return [self.engine.add(ids, pixels, params, keep_cache) for ids, pixels in prepared]
+            pixels = [] if image is None else [self._pixels(image)]
+            reqs.append(self.engine.new_request(tokenize_prompt(self.tokenizer, text), pixels, params, keep_cache))
+        return reqs
 
-    def _finish(self, reqs: list[Request]) -> list[str]:
+    def _answers(self, reqs: list[Request], timeout: float | None, single: bool) -> list[str]:
+        """Submit reqs together and wait for each; see generate() for how failures are reported."""
+        handles = self.loop.submit_many(reqs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        answers: list[str | None] = []
+        errors: list[BaseException | None] = []
         try:
-            while not all(r.finished for r in reqs):
-                self.engine.step()
-        finally:
-            for r in reqs:
-                self.engine.abort(r)
-        for r in reqs:
-            if r.error is not None:
-                raise r.error
-        return [r.visible_text() for r in reqs]
+            for h in handles:
+                try:
+                    answers.append(h.result(None if deadline is None else max(0.0, deadline - time.monotonic())))
+                    errors.append(None)
+                except Exception as error:  # noqa: BLE001 - reported per request below
+                    if not h.done():
+                        raise  # our own timeout, not the request's failure
+                    answers.append(None)
+                    errors.append(error)
+        except BaseException:
+            for h in handles:
+                h.abort()
+            raise
+        if single and errors[0] is not None:
+            raise errors[0]
+        if any(e is not None for e in errors):
+            raise BatchError(answers, errors)
+        return answers
 
-    def _stream(self, req: Request) -> Iterator[str]:
-        try:
-            while not req.finished:
-                self.engine.step()
-                piece = req.take_new_text()
-                if piece:
-                    yield piece
-            if req.error is not None:
-                raise req.error
-            piece = req.take_new_text()
-            if piece:
-                yield piece
-        finally:
-            self.engine.abort(req)
+    def _stream(self, req: Request, timeout: float | None) -> Iterator[str]:
+        yield from self.loop.submit(req).stream(timeout)  # runs at the first next(): the request queues then
 
 
 class Chat:
@@ -157,23 +212,18 @@ class Chat:
         self._last: Request | None = None
 
     def ask(self, message: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-            top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None) -> str:
+            top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
+            timeout: float | None = None) -> str:
         """Add a user turn and return the assistant's answer."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, _stops(stop))
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, check_stop(stop))
+        if not isinstance(message, str):
+            raise ValueError(f"message must be a str, got {type(message).__name__}")
         turns = self.turns + [(message, None)]
         text = build_prompt(turns, with_image=self.pixels is not None)
         ids = tokenize_prompt(self.model.tokenizer, text)
-        req = self.model.engine.add(ids, [] if self.pixels is None else [self.pixels], params, keep_cache=True)
-        try:
-            while not req.finished:
-                self.model.engine.step()
-        except BaseException:
-            self.model.engine.abort(req)
-            raise
-        if req.error is not None:
-            self.model.engine.abort(req)
-            raise req.error
-        answer = req.visible_text()
+        pixels = [] if self.pixels is None else [self.pixels]
+        req = self.model.engine.new_request(ids, pixels, params, keep_cache=True)
+        answer = self.model._answers([req], _check_timeout(timeout), single=True)[0]
         self.turns = turns[:-1] + [(message, answer)]
         self.close()  # the new turn holds (shares) whatever of the old one it reused
         self._last = req
@@ -181,9 +231,9 @@ class Chat:
 
     def close(self) -> None:
         """Let the cache forget this conversation."""
-        if self._last is not None:
-            self.model.engine.release(self._last)
-            self._last = None
+        last, self._last = self._last, None
+        if last is not None and not self.model.loop.closed:
+            self.model.loop.call(lambda engine: engine.release(last))
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -210,10 +260,44 @@ def generate(image: ImageInput | None, prompt: str, *, model: str | os.PathLike 
     return model.generate(image, prompt, **kwargs)
 
 
-def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)
+def _check_timeout(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+            or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_settings(cache_memory: object, page_size: object, max_num_seqs: object, cuda_graphs: object,
+                    prefix_cache: object) -> None:
+    """Engine settings of Model.load, checked before anything is read."""
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if cache_memory is not None and not (is_int(cache_memory) and cache_memory > 0) and not (
+            isinstance(cache_memory, float) and 0.0 < cache_memory <= 1.0):
+        raise ValueError(f"cache_memory must be a number of bytes (int > 0) or a fraction of free memory "
+                         f"(float in (0, 1]), got {cache_memory!r}")
+    if not is_int(page_size) or page_size not in SUPPORTED_PAGE_SIZES:
+        raise ValueError(f"unsupported page_size {page_size!r} (supported: {', '.join(map(str, SUPPORTED_PAGE_SIZES))})")
+    if not is_int(max_num_seqs) or max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
+    if not is_int(prefix_cache) or prefix_cache < 0:
+        raise ValueError(f"prefix_cache must be an int >= 0 (0 = off), got {prefix_cache!r}")
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
+
+
+def _check_supported(config: ModelConfig, tokenizer: Tokenizer, path: Path) -> None:
+    """What the kernels and the engine need of the model, checked before the weights are read."""
+    for tower, dim in (("text", config.text.head_dim), ("vision", config.vision.head_dim)):
+        if dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"{path}: unsupported {tower} head_dim {dim} (supported: "
+                             f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+    if tokenizer.vocab_size > config.text.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                         f"(vocab_size) only {config.text.vocab_size}")
 
 
 def _check_device(device: str | torch.device) -> torch.device:

@@ -109,15 +109,29 @@ class Engine:
         self.graphs = DecodeGraphRunner(model, pool, max_num_seqs=max_num_seqs, use_graphs=use_cuda_graphs)
         self._inflight: tuple[list[Request], PendingTokens] | None = None  # the last decode launch, not yet read
         self._inflight_rows: dict[int, int] = {}  # request id -> its row in that launch
+        self._in_step: list[Request] = []  # requests the current step touches: failed if it raises
 
     # --- requests -----------------------------------------------------------------------------------------
 
-    def add(self, prompt_ids: list[int], pixels: list[torch.Tensor], params: SamplingParams,
-            keep_cache: bool = False) -> Request:
-        """Queue a prompt (token ids with IMAGE_TOKEN_INDEX markers, one preprocessed image [3, S, S] each)."""
+    def new_request(self, prompt_ids: list[int], pixels: list[torch.Tensor], params: SamplingParams,
+                    keep_cache: bool = False) -> Request:
+        """Check and build a request (token ids with IMAGE_TOKEN_INDEX markers, one preprocessed image [3, S, S]
+        each) without queueing it: safe from any thread, raises ValueError for anything that would fail later."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        vocab = self.model.cfg.text.vocab_size
+        bad = [t for t in prompt_ids if t != IMAGE_TOKEN_INDEX and not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab}) or the image marker "
+                             f"{IMAGE_TOKEN_INDEX}, got {bad[0]!r}")
         n_markers = sum(1 for t in prompt_ids if t == IMAGE_TOKEN_INDEX)
         if n_markers != len(pixels):
             raise ValueError(f"prompt has {n_markers} <image> markers but {len(pixels)} images were given")
+        size = self.model.cfg.vision.image_size
+        for i, p in enumerate(pixels):
+            if not isinstance(p, torch.Tensor) or tuple(p.shape) != (3, size, size):
+                shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(f"image {i}: expected preprocessed pixels [3, {size}, {size}], got {shape}")
         n_img = self.model.image_tokens
         length = len(prompt_ids) + n_markers * (n_img - 1)
         if length >= self.context:
@@ -132,9 +146,20 @@ class Engine:
             else:
                 keys.append(t)
         seed = params.seed % 2**63 if params.seed is not None else random.getrandbits(63)
-        req = Request(next(self._ids), keys, prompt_ids, torch.stack(pixels) if pixels else None, params, seed,
-                      decoder=self.tokenizer.stream_decoder(), keep_cache=keep_cache)
+        return Request(next(self._ids), keys, list(prompt_ids), torch.stack(pixels) if pixels else None, params,
+                       seed, decoder=self.tokenizer.stream_decoder(), keep_cache=keep_cache)
+
+    def enqueue(self, req: Request) -> None:
+        """Queue a request made by new_request (engine thread only)."""
+        if req.finished or req in self.waiting or req in self.running:
+            raise ValueError(f"request {req.id} is already queued or finished")
         self.waiting.append(req)
+
+    def add(self, prompt_ids: list[int], pixels: list[torch.Tensor], params: SamplingParams,
+            keep_cache: bool = False) -> Request:
+        """new_request + enqueue."""
+        req = self.new_request(prompt_ids, pixels, params, keep_cache)
+        self.enqueue(req)
         return req
 
     def release(self, req: Request) -> None:
@@ -164,15 +189,45 @@ class Engine:
     # --- scheduling ---------------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """One forward pass: prefill what can be admitted, else decode every running request."""
-        admitted = self._admit()
-        if admitted:
-            self._drain()
-            self._prefill(admitted)
-        elif self.running:
-            self._decode()
-        else:
-            self._drain()
+        """One forward pass: prefill what can be admitted, else decode every running request.
+
+        Never raises for a request's sake. A failure that belongs to one request (its images, its tokens) fails
+        that request alone; any other exception (a kernel error) fails the requests of this step, which leave
+        the engine with their pages freed, and the engine stays usable for the rest.
+        """
+        self._in_step = []
+        try:
+            admitted = self._admit()
+            if admitted:
+                self._drain()
+                self._prefill(admitted)
+            elif self.running:
+                self._decode()
+            else:
+                self._drain()
+        except Exception as error:  # noqa: BLE001 - the engine survives every exception
+            log.exception("engine step failed; failing the %d requests of the step", len(self._in_step))
+            self._fail_step(error)
+        finally:
+            self._in_step = []
+
+    def fail(self, req: Request, error: Exception) -> None:
+        """Finish an unfinished request with finish_reason "error" (pages freed); no-op once finished."""
+        if req.finished:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        req.keep_cache = False
+        self._fail(req, error)
+
+    def _fail_step(self, error: Exception) -> None:
+        """After an exception inside a step: fail its requests and forget the decode launch in flight."""
+        victims = list(self._in_step)
+        if self._inflight is not None:
+            victims += self._inflight[0]
+            self._inflight, self._inflight_rows = None, {}
+        for req in victims:
+            self.fail(req, error)
 
     def _admit(self) -> list[tuple[Request, int, list[int]]]:
         """Requests to prefill now, each with its first uncached position and the slots reserved for the rest."""
@@ -180,10 +235,13 @@ class Engine:
         budget = self.max_prefill_tokens
         while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             req = self.waiting[0]
+            self._in_step.append(req)
             n = req.num_tokens
             if admitted and n > budget:
+                self._in_step.pop()
                 break
             if any(_common_prefix(req.all_keys(), a.all_keys()) >= self.pool.page_size for a, _, _ in admitted):
+                self._in_step.pop()
                 break  # it will share the pages that one is about to fill: admit it next step
             self._share_prefix(req)
             need = req.seq.pages_needed(self.pool, n - req.seq.length)
@@ -198,6 +256,7 @@ class Engine:
                 if not self.running and not admitted:
                     self._evict()
                     continue
+                self._in_step.pop()
                 break
             self.waiting.pop(0)
             start = req.seq.length
@@ -231,8 +290,16 @@ class Engine:
         self.cached.clear()
 
     def _prefill(self, admitted: list[tuple[Request, int, list[int]]]) -> None:
+        embeds = []
+        for req, start, _ in list(admitted):
+            try:  # a request's own images and tokens: its failure is its own
+                embeds.append(self._embeds(req, start))
+            except Exception as error:  # noqa: BLE001
+                admitted.remove((req, start, _))
+                self._fail(req, error)
+        if not admitted:
+            return
         reqs = [req for req, _, _ in admitted]
-        embeds = [self._embeds(req, start) for req, start, _ in admitted]
         positions = [p for req, start, _ in admitted for p in range(start, req.num_tokens)]
         slots = [s for _, _, req_slots in admitted for s in req_slots]
         batch = self._batch(reqs, positions, slots, [req.num_tokens - start for req, start, _ in admitted],
@@ -257,6 +324,7 @@ class Engine:
                             f"request {req.id} at {req.seq.length} tokens needs another KV page and the cache "
                             f"({self.pool.num_pages} pages of {self.pool.page_size}) has none left"))
         reqs = [r for r in self.running if r.id in slots]  # draining or preemption may have removed some
+        self._in_step += reqs
         if not reqs:
             self._drain()
             return
@@ -279,8 +347,10 @@ class Engine:
         """Read the tokens of the decode launch in flight, if any (waits for it) and append them."""
         if self._inflight is None:
             return
-        (reqs, pending), self._inflight, self._inflight_rows = self._inflight, None, {}
-        self._append_tokens(reqs, pending.result())
+        (reqs, pending) = self._inflight
+        tokens = pending.result()  # an exception here leaves the launch in flight: _fail_step fails its requests
+        self._inflight, self._inflight_rows = None, {}
+        self._append_tokens(reqs, tokens)
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
         """logits: [S, V] fp32 of reqs' last tokens -> the token each draws (at position req.num_tokens)."""
@@ -356,16 +426,22 @@ class Engine:
         for req, token in zip(reqs, tokens):
             if req.finished:  # stopped while this token was in flight
                 continue
-            if token == eos and not req.params.ignore_eos:
-                self._finish(req, "eos")
-                continue
-            req.output_ids.append(token)
-            searched = len(req.text)
-            req.text += req.decoder.push(token)
-            if self._cut_at_stop(req, searched):
-                self._finish(req, "stop")
-            elif len(req.output_ids) >= req.params.max_new_tokens or req.num_tokens >= self.context:
-                self._finish(req, "length")
+            try:  # detokenizing and stop strings are the request's own: a failure there fails it alone
+                self._append_token(req, token, eos)
+            except Exception as error:  # noqa: BLE001
+                self.fail(req, error)
+
+    def _append_token(self, req: Request, token: int, eos: int) -> None:
+        if token == eos and not req.params.ignore_eos:
+            self._finish(req, "eos")
+            return
+        req.output_ids.append(token)
+        searched = len(req.text)
+        req.text += req.decoder.push(token)
+        if self._cut_at_stop(req, searched):
+            self._finish(req, "stop")
+        elif len(req.output_ids) >= req.params.max_new_tokens or req.num_tokens >= self.context:
+            self._finish(req, "length")
 
     @staticmethod
     def _cut_at_stop(req: Request, searched: int) -> bool:

@@ -206,15 +206,6 @@ def test_prefix_cache_keeps_the_newest_and_yields_to_running_requests(ckpt, alon
         assert req.output_ids == alone[i]
 
 
-def test_abandoned_stream_frees_its_pages(ckpt):
-    model = phi_fast.load(ckpt, progress=False)
-    stream = model.generate(_image(1), QUESTIONS[1], max_new_tokens=24, stream=True)
-    next(iter(stream))
-    assert _used(model) > 0
-    stream.close()
-    assert _used(model) == 0 and not model.engine.has_work
-
-
 def test_pool_refcounts_and_copy_on_write():
     pool = PagePool(num_layers=2, num_heads=1, head_dim=4, num_pages=4, page_size=4)
     a = SequencePages()
