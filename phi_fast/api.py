@@ -172,6 +172,14 @@ class Model:
             reqs.append(self.engine.new_request(tokenize_prompt(self.tokenizer, text), pixels, params, keep_cache))
         return reqs
 
+    def _submit(self, items: list[tuple[ImageInput | None, str]], params: SamplingParams) -> list[Request]:
+        """Queue requests straight on the engine, for a single-threaded caller that steps it itself (the demo's
+        per-phase timings); never mix with the API calls, which hand the engine to the loop's thread."""
+        reqs = self._prepare(items, params)
+        for r in reqs:
+            self.engine.enqueue(r)
+        return reqs
+
     def _answers(self, reqs: list[Request], timeout: float | None, single: bool) -> list[str]:
         """Submit reqs together and wait for each; see generate() for how failures are reported."""
         handles = self.loop.submit_many(reqs)
