@@ -10,6 +10,14 @@ matches transformers' PIL backend to the bit.
 
 Deliberate difference from Pillow's convert("RGB"): 16-bit grayscale ("I;16*" modes, e.g. 16-bit PNGs) keeps
 its high byte instead of being clipped at 255, which would turn most such images white.
+
+Memory: decoding is bounded by Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, an error above twice
+it). Preprocessing then makes no intermediate image larger than `GROWTH` times the decoded image or
+`SMALL_CANVAS` S x S images, whichever is more. A padded canvas or a resized image above that (an extreme aspect
+ratio, beyond 4:1 for large images: a 20000 x 1 strip would pad to 20000 x 20000) is never made. Instead the pad
+path resizes the image to fit S x S first and pads that (the image band lands within a pixel of where the full
+canvas puts it, so rows or columns at its edges differ from the spec's result), and the no-pad path resamples only
+the source box that the centre crop keeps (the same pixels up to the rounding between Pillow's two passes).
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIZE = 336
+GROWTH = 4  # intermediate images may hold up to 4x the decoded image's pixels ...
+SMALL_CANVAS = 64  # ... or 64 x S x S pixels (21 MiB of RGB at S = 336), whichever is more
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes, bytearray]
 
@@ -127,9 +137,44 @@ def preprocess_uint8(image: ImageInput, *, image_size: int = IMAGE_SIZE, mean: S
     """Pixels after RGB, optional pad (filled with int(255 * mean)), resize and crop: uint8 [3, S, S]."""
     rgb = to_rgb(load_image(image))
     if pad_to_square:
-        rgb = expand_to_square(rgb, tuple(int(m * 255) for m in mean))
-    cropped = center_crop(resize_shortest_edge(rgb, image_size), image_size)
+        cropped = _pad_and_resize(rgb, image_size, tuple(int(m * 255) for m in mean))
+    else:
+        cropped = _resize_and_crop(rgb, image_size)
     return torch.from_numpy(np.asarray(cropped).copy()).permute(2, 0, 1).contiguous()
+
+
+def _allowed_pixels(image: Image.Image, size: int) -> int:
+    """The largest intermediate image (pixels) preprocessing makes for `image` (see the module docs)."""
+    width, height = image.size
+    return max(GROWTH * width * height, SMALL_CANVAS * size * size)
+
+
+def _pad_and_resize(image: Image.Image, size: int, fill: tuple[int, ...]) -> Image.Image:
+    """Pad to square, then resize to size x size: exactly so when the canvas is small enough, else resize the
+    image to fit size x size first and pad the result (an extreme aspect ratio)."""
+    width, height = image.size
+    side = max(width, height)
+    if side * side <= _allowed_pixels(image, size):
+        return center_crop(resize_shortest_edge(expand_to_square(image, fill), size), size)
+    new_size = (max(1, round(width * size / side)), max(1, round(height * size / side)))
+    small = image.resize(new_size, resample=Image.Resampling.BICUBIC)
+    canvas = Image.new(image.mode, (size, size), fill)
+    canvas.paste(small, ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
+    return canvas
+
+
+def _resize_and_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the short edge to size, centre crop size x size; when the resized image would be too large, only
+    the source box the crop keeps is resampled (same scale and centres)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    if size * new_long <= _allowed_pixels(image, size):
+        return center_crop(resize_shortest_edge(image, size), size)
+    scale = long / new_long  # source pixels per resized pixel along the long edge
+    lo, hi = (new_long - size) // 2 * scale, ((new_long - size) // 2 + size) * scale
+    box = (lo, 0, hi, height) if width >= height else (0, lo, width, hi)
+    return image.resize((size, size), resample=Image.Resampling.BICUBIC, box=box)
 
 
 def rescale_normalize(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,
