@@ -31,6 +31,26 @@ _PHI_DEFAULTS = {"partial_rotary_factor": 0.5, "rope_theta": 10000.0, "layer_nor
                  "max_position_embeddings": 2048}
 _CLIP_DEFAULTS = {"layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
 
+# What each config.json field must be, checked when it is read (before anything is allocated): ints in [lo, hi],
+# finite reals in (lo, hi], strings, objects. The bounds are far above any Phi-2 / CLIP model and far below sizes
+# that would only end in an allocator error.
+_INT_FIELDS = {
+    **dict.fromkeys(("vocab_size",), (1, 2**20)),
+    **dict.fromkeys(("hidden_size", "n_embd", "mm_hidden_size"), (1, 2**16)),
+    **dict.fromkeys(("intermediate_size", "n_inner"), (1, 2**18)),
+    **dict.fromkeys(("num_hidden_layers", "n_layer"), (1, 256)),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_key_value_heads", "n_head_kv"), (1, 1024)),
+    **dict.fromkeys(("max_position_embeddings", "n_positions"), (1, 2**17)),
+    "image_size": (1, 4096), "patch_size": (1, 4096), "rotary_dim": (1, 4096),
+    "pad_vocab_size_multiple": (1, 2**16), "mm_vision_select_layer": (-257, 257),
+    "image_token_index": (-(2**31), 2**31 - 1), "image_token_id": (-(2**31), 2**31 - 1),
+}
+_REAL_FIELDS = {"layer_norm_eps": (0.0, 1.0), "layer_norm_epsilon": (0.0, 1.0), "rope_theta": (0.0, 1e12),
+                "partial_rotary_factor": (0.0, 1.0)}
+_STR_FIELDS = {"hidden_act", "activation_function", "mm_projector_type", "mm_vision_select_feature", "mm_vision_tower",
+               "projector_hidden_act", "vision_feature_select_strategy", "model_type", "image_aspect_ratio"}
+_DICT_FIELDS = {"text_config", "vision_config", "vision_tower", "mm_projector", "rope_parameters", "rope_scaling"}
+
 
 class ConfigError(ValueError):
     """A problem with a config file; the message starts with the file's path."""
@@ -56,8 +76,8 @@ class TextConfig:
         _check_divisible("hidden_size", self.hidden_size, "num_heads", self.num_heads)
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise ValueError(f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
-        if self.rope_theta <= 0 or self.layer_norm_eps <= 0:
-            raise ValueError(f"rope_theta {self.rope_theta} and layer_norm_eps {self.layer_norm_eps} must be > 0")
+        for name in ("rope_theta", "layer_norm_eps"):
+            _check_positive_real(self, name)
 
     @property
     def head_dim(self) -> int:
@@ -91,8 +111,7 @@ class VisionConfig:
             raise ValueError(f"unsupported select_feature {self.select_feature!r} (supported: {SELECT_FEATURES})")
         if self.hidden_act not in VISION_ACTS:
             raise ValueError(f"unsupported vision hidden_act {self.hidden_act!r} (supported: {VISION_ACTS})")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"layer_norm_eps {self.layer_norm_eps} must be > 0")
+        _check_positive_real(self, "layer_norm_eps")
 
     @property
     def head_dim(self) -> int:
@@ -161,6 +180,12 @@ def _check_positive(obj: object, names: tuple[str, ...]) -> None:
             raise ValueError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
 
 
+def _check_positive_real(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{type(obj).__name__}.{name} must be a finite number > 0, got {value!r}")
+
+
 def _check_divisible(name: str, value: int, by_name: str, by: int) -> None:
     if value % by:
         raise ValueError(f"{name} {value} is not divisible by {by_name} {by}")
@@ -194,13 +219,16 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 
 @contextmanager
 def _errors_in(path: Path) -> Iterator[None]:
-    """Re-raise a ValueError that does not name its file as a ConfigError naming `path`."""
+    """Re-raise a ValueError that does not name its file as a ConfigError naming `path`; so too any type error
+    a field check missed (a last line of defence: the checks in _get name the field)."""
     try:
         yield
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from e
+    except (TypeError, AttributeError, KeyError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"{path}: invalid config value ({type(e).__name__}: {e})") from e
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -216,25 +244,51 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _get(cfg: dict[str, Any], key: str, path: Path, where: str = "", default: Any = ...) -> Any:
-    """cfg[key], or default; a missing required field raises naming the file and field."""
+    """cfg[key], or default; a missing required field, or a value of the wrong type or outside the field's bounds
+    (_INT_FIELDS, ...), raises ConfigError naming the file, field and value."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: '{where.rstrip('.')}' must be a JSON object, got {type(cfg).__name__}")
     if key in cfg and cfg[key] is not None:
-        return cfg[key]
+        return _check_field(cfg[key], key, path, where)
     if default is ...:
         raise ConfigError(f"{path}: missing field '{where}{key}'")
     return default
 
 
+def _check_field(value: Any, key: str, path: Path, where: str) -> Any:
+    field = f"'{where}{key}'"
+    if key in _INT_FIELDS:
+        lo, hi = _INT_FIELDS[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: {field} must be an integer, got {type(value).__name__} {value!r:.60}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{path}: {field} {value} is outside the supported range [{lo}, {hi}]")
+    elif key in _REAL_FIELDS:
+        lo, hi = _REAL_FIELDS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: {field} must be a number, got {type(value).__name__} {value!r:.60}")
+        if not (math.isfinite(value) and lo < value <= hi):
+            raise ConfigError(f"{path}: {field} {value} is outside the supported range ({lo}, {hi:g}]")
+        value = float(value)
+    elif key in _STR_FIELDS and not isinstance(value, str):
+        raise ConfigError(f"{path}: {field} must be a string, got {type(value).__name__} {value!r:.60}")
+    elif key in _DICT_FIELDS and not isinstance(value, dict):
+        raise ConfigError(f"{path}: {field} must be a JSON object, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
 def _rotary(cfg: dict[str, Any], path: Path, where: str, head_dim: int) -> tuple[int, float]:
     """(rotary_dim, rope_theta) from `rope_parameters` (transformers 5) or top-level fields (4.x)."""
-    params = cfg.get("rope_parameters") or {}
+    params = _get(cfg, "rope_parameters", path, where, {})
     rope_type = params.get("rope_type", params.get("type", "default"))
-    scaling = cfg.get("rope_scaling")
+    scaling = _get(cfg, "rope_scaling", path, where, {})
     if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
         raise ConfigError(f"{path}: unsupported rope scaling in '{where}rope_parameters'/'rope_scaling' "
                           f"(only the default rotary embedding is supported)")
-    factor = params.get("partial_rotary_factor", _get(cfg, "partial_rotary_factor", path, where,
-                                                      _PHI_DEFAULTS["partial_rotary_factor"]))
-    theta = params.get("rope_theta", _get(cfg, "rope_theta", path, where, _PHI_DEFAULTS["rope_theta"]))
+    inner = f"{where}rope_parameters."
+    factor = _get(params, "partial_rotary_factor", path, inner, _get(cfg, "partial_rotary_factor", path, where,
+                                                                    _PHI_DEFAULTS["partial_rotary_factor"]))
+    theta = _get(params, "rope_theta", path, inner, _get(cfg, "rope_theta", path, where, _PHI_DEFAULTS["rope_theta"]))
     return int(factor * head_dim), float(theta)
 
 
@@ -307,7 +361,7 @@ def _clip_vision(cfg: dict[str, Any], path: Path, where: str, select_layer: int,
 
 def _from_llava_phi(raw: dict[str, Any], path: Path, layout: str) -> ModelConfig:
     """LLaVA-Phi: Phi fields at the top, vision_config = {vision_tower: CLIP + mm_vision_*, mm_projector: {...}}."""
-    tower = raw["vision_config"]["vision_tower"]
+    tower = _get(raw["vision_config"], "vision_tower", path, "vision_config.")
     proj = _get(raw["vision_config"], "mm_projector", path, "vision_config.")
     where = "vision_config.vision_tower."
     vision = _clip_vision(tower, path, where, _get(tower, "mm_vision_select_layer", path, where, -2),
@@ -369,7 +423,7 @@ def _from_llava_hf(raw: dict[str, Any], path: Path, layout: str) -> ModelConfig:
     if act != "gelu" or not raw.get("multimodal_projector_bias", True):
         raise ConfigError(f"{path}: unsupported projector (projector_hidden_act {act!r}, multimodal_projector_bias "
                           f"{raw.get('multimodal_projector_bias', True)}); supported: 'gelu' with bias")
-    image_token = raw.get("image_token_index", raw.get("image_token_id"))
+    image_token = _get(raw, "image_token_index", path, default=_get(raw, "image_token_id", path, default=None))
     if image_token is None:
         raise ConfigError(f"{path}: missing field 'image_token_index' (or 'image_token_id')")
     projector = ProjectorConfig(kind="mlp2x_gelu", in_features=vision.hidden_size, out_features=text.hidden_size)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PATCH_SUFFIX = "embeddings.patch_embedding.weight"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 
 
 class CheckpointError(ValueError):
@@ -62,33 +64,60 @@ class TensorInfo:
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint: model.safetensors, else the shards model.safetensors.index.json
-    names, else every *.safetensors in the folder (sorted)."""
+    names, else every *.safetensors in the folder (sorted). Each must be a regular file (a FIFO or device would
+    hang the reader) and a shard must lie inside the folder."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder {model_dir} not found")
-    if (model_dir / SINGLE_FILE).is_file():
-        return [model_dir / SINGLE_FILE]
+    single = model_dir / SINGLE_FILE
+    if single.exists():
+        return [_regular_file(single)]
     index = model_dir / INDEX_FILE
-    if index.is_file():
+    if index.exists():
+        _regular_file(index)
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
+            shards = sorted(set(weight_map.values()), key=str)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: invalid index (expected JSON with a 'weight_map' object): {e}") from e
-        for shard in shards:
-            if not (model_dir / shard).is_file():
-                raise FileNotFoundError(f"{index} names shard {shard!r}, which is not in {model_dir}")
-        return [model_dir / s for s in shards]
+        return [_shard_path(model_dir, index, shard) for shard in shards]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no safetensors checkpoint in {model_dir} (looked for {SINGLE_FILE}, {INDEX_FILE}, "
                                 f"*.safetensors)")
-    return files
+    return [_regular_file(f) for f in files]
+
+
+def _regular_file(path: Path) -> Path:
+    """path, if it is a regular file (following links); else CheckpointError / FileNotFoundError."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot be read ({e.strerror})") from e
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or folder); checkpoint files must be "
+                              f"plain files")
+    return path
+
+
+def _shard_path(model_dir: Path, index: Path, shard: object) -> Path:
+    """An index entry -> its file, which must be named by a relative path inside model_dir (no '..')."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index}: shard names must be non-empty strings, got {shard!r:.100}")
+    relative = Path(shard)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise CheckpointError(f"{index} names shard {shard!r}, outside the checkpoint folder {model_dir} "
+                              f"(shards must be relative paths inside it)")
+    path = model_dir / relative  # a symlink may lead elsewhere (the Hugging Face cache links into its blobs)
+    if not path.exists():
+        raise FileNotFoundError(f"{index} names shard {shard!r}, which is not in {model_dir}")
+    return _regular_file(path)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse one file's header and check that every tensor's bytes lie inside the file (truncation, corruption)."""
-    size = path.stat().st_size
+    """Parse one file's header and check every tensor's bytes: inside the file's data section (truncation,
+    corruption), sized for its dtype and shape, and overlapping no other tensor (aliased weights)."""
+    size = _regular_file(path).stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -96,6 +125,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         n = int.from_bytes(head, "little")
         if n > size - 8:
             raise CheckpointError(f"{path}: truncated or not a safetensors file (header of {n} bytes, file of {size})")
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: safetensors header of {n} bytes is above the {MAX_HEADER_BYTES} limit")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -110,7 +141,13 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}: {entry!r}") from e
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}: {entry!r:.200}") from e
+        if not (isinstance(dtype, str) and all(map(_is_count, shape)) and _is_count(start) and _is_count(end)):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r} (dtype must be a string; "
+                                  f"shape and data_offsets non-negative integers): {entry!r:.200}")
+        if start > end:
+            raise CheckpointError(f"{path}: corrupt header: tensor {name!r} has data_offsets [{start}, {end}] "
+                                  f"(start after end)")
         if end > data_bytes:
             raise CheckpointError(f"{path}: file is truncated: tensor {name!r} needs data bytes {start}..{end}, "
                                   f"the file holds {data_bytes}")
@@ -121,7 +158,21 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: corrupt header: tensor {name!r} {dtype}{list(shape)} spans "
                                   f"{end - start} bytes, expected {numel * _ITEMSIZE[dtype]}")
         infos[name] = TensorInfo(path, name, dtype, shape, 8 + n + start, end - start)
+    _check_no_overlap(path, infos, data_start=8 + n)
     return infos
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_no_overlap(path: Path, infos: dict[str, TensorInfo], data_start: int) -> None:
+    """No two tensors share a data byte (empty tensors hold none)."""
+    spans = sorted((i.offset, i.offset + i.nbytes, i.name) for i in infos.values() if i.nbytes)
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise CheckpointError(f"{path}: corrupt header: tensors {a!r} and {b!r} overlap (data bytes "
+                                  f"{start_b - data_start}..{end_a - data_start} belong to both)")
 
 
 def read_checkpoint(model_dir: str | Path) -> dict[str, TensorInfo]:
@@ -330,6 +381,21 @@ def _resolve(plan: list[_Entry], table: dict[str, TensorInfo], source: Path) -> 
     return resolved
 
 
+def _check_no_extra_layers(plan: list[_Entry], first_layer: str, names: set[str], expected: int, field: str,
+                           source: Path) -> None:
+    """The checkpoint stores no layer at or past `expected` (a config that says fewer layers than the checkpoint
+    holds would silently drop the rest). first_layer: canonical prefix of layer 0's entries in `plan`."""
+    entry = next((e for e in plan if e.name.startswith(first_layer)), None)
+    if entry is None:
+        return
+    prefix = entry.keys[0][: entry.keys[0].index(".0.") + 1]  # e.g. "model.layers."
+    stored = {int(n[len(prefix):].split(".", 1)[0]) for n in names
+              if n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit()}
+    if stored and max(stored) >= expected:
+        raise CheckpointError(f"{source}: the checkpoint stores {max(stored) + 1} layers ({prefix}N) but the config's "
+                              f"{field} is {expected}: fix config.json (the extra layers would be ignored)")
+
+
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """torch.float32 / bfloat16 / float16, given as a torch dtype or its name."""
     found = SUPPORTED_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
@@ -362,8 +428,9 @@ def load_weights(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dty
     dtype, device, model_dir = resolve_dtype(dtype), torch.device(device), Path(model_dir)
     table = read_checkpoint(model_dir)
     names = set(table)
-    resolved = _resolve(_text_plan(config.layout, names, config.text, config.lm_head_bias, model_dir)
-                        + _projector_plan(names, config, model_dir), table, model_dir)
+    text_plan = _text_plan(config.layout, names, config.text, config.lm_head_bias, model_dir)
+    _check_no_extra_layers(text_plan, "text.layers.0.", names, config.text.num_layers, "num_hidden_layers", model_dir)
+    resolved = _resolve(text_plan + _projector_plan(names, config, model_dir), table, model_dir)
     if has_vision_tower(names):
         vision_table, vision_dir = table, model_dir
     elif config.vision_tower_path is not None:
@@ -372,7 +439,10 @@ def load_weights(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dty
     else:
         raise CheckpointError(f"{model_dir}: no vision tower tensors (*{_PATCH_SUFFIX}) in the checkpoint and no "
                               f"vision tower folder in the config")
-    resolved += _resolve(_vision_plan(set(vision_table), config.vision, vision_dir), vision_table, vision_dir)
+    vision_plan = _vision_plan(set(vision_table), config.vision, vision_dir)
+    _check_no_extra_layers(vision_plan, "vision.layers.0.", set(vision_table), config.vision.num_layers,
+                           "vision num_hidden_layers", vision_dir)
+    resolved += _resolve(vision_plan, vision_table, vision_dir)
 
     files = sorted({info.file for _, infos in resolved for info in infos})
     logger.info("loading %d tensors (%s layout) from %d file(s) as %s on %s", len(resolved), config.layout,
