@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -251,6 +252,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
 
 
 _MODELS: dict[tuple[str, str, str], Model] = {}
+_MODELS_LOCK = threading.Lock()  # threads asking for the same model load it once
 
 
 def generate(image: ImageInput | None, prompt: str, *, model: str | os.PathLike | Model | None = None,
@@ -262,9 +264,10 @@ def generate(image: ImageInput | None, prompt: str, *, model: str | os.PathLike 
             raise ValueError("no model given: pass model=PATH or set PHI_FAST_MODEL to a checkpoint folder")
         device = device or ("cuda" if torch.cuda.is_available() and "cuda" in ops.available_backends() else "cpu")
         key = (str(Path(path).resolve()), device, str(dtype))
-        if key not in _MODELS:
-            _MODELS[key] = load(path, device, dtype)
-        model = _MODELS[key]
+        with _MODELS_LOCK:
+            if key not in _MODELS:
+                _MODELS[key] = load(path, device, dtype)
+            model = _MODELS[key]
     return model.generate(image, prompt, **kwargs)
 
 

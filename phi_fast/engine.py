@@ -311,7 +311,9 @@ class Engine:
     def _decode(self) -> None:
         """Launch one decode step for every running request that needs a token, then read the previous one."""
         slots: dict[int, int] = {}
-        for req in [r for r in self.running if self._wants_token(r)]:
+        wanting = [r for r in self.running if self._wants_token(r)]
+        self._in_step += wanting
+        for req in wanting:
             while req in self.running:
                 try:
                     slots[req.id] = req.seq.reserve(self.pool, 1)[0]
@@ -324,7 +326,6 @@ class Engine:
                             f"request {req.id} at {req.seq.length} tokens needs another KV page and the cache "
                             f"({self.pool.num_pages} pages of {self.pool.page_size}) has none left"))
         reqs = [r for r in self.running if r.id in slots]  # draining or preemption may have removed some
-        self._in_step += reqs
         if not reqs:
             self._drain()
             return
