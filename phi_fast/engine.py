@@ -13,6 +13,11 @@ pipelined: step n is launched with the tokens of step n - 1 fed back on the devi
 n - 1's tokens (stop checks, detokenizing) while step n runs. A request that stops (EOS, stop string) has one
 token too many in flight; it is discarded. Tokens are drawn by gpu_sampling from (the request's seed, the
 token's position), so a request's output does not depend on what it is batched with.
+
+Failures stay local: a request is checked when it is made (`new_request`, callable from any thread); inside a
+step, an exception in one request's own work (its images, its detokenizing and stop strings) fails that request
+alone, and any other exception (a kernel error) fails the requests of that step; either way their pages are freed
+and the engine goes on. The engine itself is single-threaded: phi_fast.engine_loop runs it on one thread.
 """
 
 from __future__ import annotations
