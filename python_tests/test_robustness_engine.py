@@ -298,3 +298,46 @@ def test_batch_with_an_unfittable_request_returns_the_others(ckpt, alone):
         model.generate(None, huge, timeout=WAIT)
     assert _clear_and_count(model) == 0
     model.close()
+
+
+def test_timeout_aborts_the_request_and_frees_its_pages(ckpt, alone):
+    model = phi_fast.load(ckpt, progress=False, prefix_cache=0)
+    calls, reached, release = _count_forwards(model, hold_at=2)  # the engine is held until the caller gave up
+    try:
+        with pytest.raises(TimeoutError, match="no result within"):
+            model.generate(_image(0), QUESTIONS[0], max_new_tokens=16, timeout=0.5)
+        assert reached.is_set()
+    finally:
+        release.set()
+    assert model.loop.call(lambda e: (e.has_work, e.pool.num_free == e.pool.num_pages), timeout=WAIT) == (False, True)
+    assert len(calls) == 2
+    del model.llava.forward  # the class method again
+    assert model.generate(_image(0), QUESTIONS[0], max_new_tokens=16, timeout=WAIT) == alone[0]
+    model.close()
+
+
+def test_handles_serve_asyncio_through_on_update(ckpt, alone):
+    import asyncio
+
+    model = phi_fast.load(ckpt, progress=False)
+
+    async def answer(i: int) -> str:
+        aio = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        handle = model.loop.submit(_request(model, i, max_new_tokens=16),
+                                   on_update=lambda h: aio.call_soon_threadsafe(wake.set))
+        text = ""
+        while True:
+            await asyncio.wait_for(wake.wait(), WAIT)
+            wake.clear()
+            for kind, piece in handle.poll():
+                if kind == "done":
+                    assert text.strip() == handle.result(timeout=0) == alone[i]
+                    return text
+                text += piece
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(answer(i) for i in range(3)))
+
+    assert [t.strip() for t in asyncio.run(main())] == alone[:3]
+    model.close()
