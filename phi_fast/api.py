@@ -291,7 +291,8 @@ def _check_settings(cache_memory: object, page_size: object, max_num_seqs: objec
         raise ValueError(f"cache_memory must be a number of bytes (int > 0) or a fraction of free memory "
                          f"(float in (0, 1]), got {cache_memory!r}")
     if not is_int(page_size) or page_size not in SUPPORTED_PAGE_SIZES:
-        raise ValueError(f"unsupported page_size {page_size!r} (supported: {', '.join(map(str, SUPPORTED_PAGE_SIZES))})")
+        supported = ", ".join(map(str, SUPPORTED_PAGE_SIZES))
+        raise ValueError(f"unsupported page_size {page_size!r} (supported: {supported})")
     if not is_int(max_num_seqs) or max_num_seqs < 1:
         raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
     if not is_int(prefix_cache) or prefix_cache < 0:

@@ -233,6 +233,8 @@ def _errors_in(path: Path) -> Iterator[None]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
+        if path.exists():  # a FIFO or device would block the read
+            raise ConfigError(f"{path}: not a regular file")
         raise FileNotFoundError(f"{path} not found")
     try:
         data = json.loads(path.read_text())

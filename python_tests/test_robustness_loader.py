@@ -145,6 +145,13 @@ def test_a_fifo_checkpoint_file_is_rejected_not_read(folder, name):
         _load(folder)
 
 
+def test_a_fifo_config_is_rejected_not_read(folder):
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+    with pytest.raises(ConfigError, match="config.json: not a regular file"):
+        _load(folder)
+
+
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", 7])
 def test_index_entries_outside_the_folder_are_rejected(tiny_dir, tmp_path, shard):
     folder = Path(shutil.copytree(tiny_dir / "llava_phi_sharded", tmp_path / "sharded"))
@@ -242,7 +249,8 @@ def test_unsupported_head_dim_fails_at_load(folder):
 
 def test_tokenizer_larger_than_the_vocabulary_fails_at_load(folder):
     write_tokenizer(folder, vocab_size=600)
-    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the model's vocabulary \(vocab_size\) only 512"):
+    message = r"tokenizer has \d+ tokens but the model's vocabulary \(vocab_size\) only 512"
+    with pytest.raises(ValueError, match=message):
         _load(folder)
 
 
