@@ -107,8 +107,13 @@ class Model:
         num_pages = PagePool.pages_for_budget(cache_memory, page_bytes, device)
         if num_pages < 1:
             raise ValueError(f"cache_memory {cache_memory!r} holds no KV page ({page_bytes} bytes each)")
-        pool = PagePool(num_layers=t.num_layers, num_heads=t.num_heads, head_dim=t.head_dim, num_pages=num_pages,
-                        page_size=page_size, dtype=dtype, device=device)
+        try:
+            pool = PagePool(num_layers=t.num_layers, num_heads=t.num_heads, head_dim=t.head_dim,
+                            num_pages=num_pages, page_size=page_size, dtype=dtype, device=device)
+        except (RuntimeError, MemoryError) as e:  # the allocator's own error says nothing about what to change
+            raise MemoryError(f"cannot allocate the KV cache: {num_pages} pages of {page_size} tokens = "
+                              f"{num_pages * page_bytes / 2**30:.2f} GiB on {device}; pass a smaller cache_memory "
+                              f"({type(e).__name__}: {e})") from e
         log.info("KV cache: %d pages of %d tokens (%.1f MiB)", num_pages, page_size, num_pages * page_bytes / 2**20)
         engine = Engine(llava, tokenizer, pool, max_num_seqs=max_num_seqs, use_cuda_graphs=cuda_graphs,
                         prefix_cache=prefix_cache)

@@ -258,3 +258,8 @@ def test_the_good_checkpoint_still_loads_and_answers(folder):
     model = _load(folder, page_size=32, prefix_cache=0, max_num_seqs=2)
     assert isinstance(model.generate(None, "hello", max_new_tokens=4, timeout=WAIT), str)
     model.close()
+
+
+def test_a_kv_cache_too_large_to_allocate_is_a_clear_error(folder):
+    with pytest.raises(MemoryError, match="cannot allocate the KV cache: .* pass a smaller cache_memory"):
+        _load(folder, cache_memory=2**50)  # a pebibyte
