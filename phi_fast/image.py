@@ -15,14 +15,16 @@ Memory: decoding is bounded by Pillow's decompression-bomb limit (`Image.MAX_IMA
 it). Preprocessing then makes no intermediate image larger than `GROWTH` times the decoded image or
 `SMALL_CANVAS` S x S images, whichever is more. A padded canvas or a resized image above that (an extreme aspect
 ratio, beyond 4:1 for large images: a 20000 x 1 strip would pad to 20000 x 20000) is never made. Instead the pad
-path resizes the image to fit S x S first and pads that (the image band lands within a pixel of where the full
-canvas puts it, so rows or columns at its edges differ from the spec's result), and the no-pad path resamples only
-the source box that the centre crop keeps (the same pixels up to the rounding between Pillow's two passes).
+path runs Pillow's two resampling passes separately, the second over just the window of the canvas that can
+differ from the fill, and the no-pad path resamples only the source box that the centre crop keeps: the same
+pixels as the spec's way, up to 1 (rounding between the passes; 0 for wide images). Strips a few pixels thin and
+about 600000 pixels long or more (at S = 336) would still need a window above the limit: ValueError.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,16 +152,35 @@ def _allowed_pixels(image: Image.Image, size: int) -> int:
 
 
 def _pad_and_resize(image: Image.Image, size: int, fill: tuple[int, ...]) -> Image.Image:
-    """Pad to square, then resize to size x size: exactly so when the canvas is small enough, else resize the
-    image to fit size x size first and pad the result (an extreme aspect ratio)."""
+    """Pad to square, then resize to size x size: the spec's way when the canvas is small enough, else the same
+    resampling as two separate passes that never hold the canvas (an extreme aspect ratio)."""
     width, height = image.size
     side = max(width, height)
     if side * side <= _allowed_pixels(image, size):
         return center_crop(resize_shortest_edge(expand_to_square(image, fill), size), size)
-    new_size = (max(1, round(width * size / side)), max(1, round(height * size / side)))
-    small = image.resize(new_size, resample=Image.Resampling.BICUBIC)
+    wide = width >= height
+    short = height if wide else width
+    # 1. The long axis, side -> size: along it the canvas is the image itself, so this is the canvas's pass.
+    band = image.resize((size, short) if wide else (short, size), resample=Image.Resampling.BICUBIC)
+    # 2. The short axis, side -> size, over a window of the canvas: the band with enough fill around it that every
+    # output line whose filter reaches the band sees all the fill it would see in the full canvas.
+    scale = side / size  # canvas pixels per output pixel
+    support = 2 * scale  # bicubic reach, in canvas pixels
+    offset = (side - short) // 2  # the band's place on the canvas
+    first = max(0, math.floor((offset - support) / scale) - 1)  # output lines that may differ from the fill
+    last = min(size, math.ceil((offset + short + support) / scale) + 1)
+    lo = max(0, math.floor(first * scale - support) - 1)  # canvas lines those lines read
+    hi = min(side, math.ceil(last * scale + support) + 1)
+    if size * (hi - lo) > _allowed_pixels(image, size):  # only strips a few pixels thin, ~600000+ long at S = 336
+        raise ValueError(f"cannot preprocess a {width}x{height} image: padding it to a square would need a "
+                         f"{size}x{hi - lo} intermediate, above the limit of {_allowed_pixels(image, size)} pixels")
+    window = Image.new(image.mode, (size, hi - lo) if wide else (hi - lo, size), fill)
+    window.paste(band, (0, offset - lo) if wide else (offset - lo, 0))
+    box = (0, first * scale - lo, size, last * scale - lo) if wide else (first * scale - lo, 0, last * scale - lo, size)
+    lines = window.resize((size, last - first) if wide else (last - first, size), resample=Image.Resampling.BICUBIC,
+                          box=box)
     canvas = Image.new(image.mode, (size, size), fill)
-    canvas.paste(small, ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
+    canvas.paste(lines, (0, first) if wide else (first, 0))
     return canvas
 
 
