@@ -189,6 +189,9 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            device = self.engine.model.device
+            if device.type == "cuda":  # the current device is per thread: graphs and streams need the model's
+                torch.cuda.set_device(device)
             with torch.inference_mode():
                 while self._iteration():
                     pass
