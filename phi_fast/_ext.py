@@ -44,10 +44,10 @@ def missing_extension_message(error: str) -> str:
         return f"phi_fast._C, the compiled kernels in {here}, could not be imported ({error}); {REBUILD_HINT}"
     others = [folder for folder in _phi_fast_folders() if folder != here and _compiled_module(folder) is not None]
     if others:
-        return (f"phi_fast was imported from {here}, which has no compiled phi_fast._C, instead of the copy in "
-                f"{others[0]}, which has one (the installed package): that folder is a source tree on Python's "
-                f"path ahead of it, usually the current folder, which Python searches first. Run from another "
-                f"folder, or build in place in the source tree: pip install --no-build-isolation -e .")
+        return (f"phi_fast was imported from {here}, which has no compiled phi_fast._C, instead of the built copy "
+                f"in {others[0]} (e.g. the installed package): that folder is a source tree on Python's path "
+                f"ahead of it, usually the current folder, which Python searches first. Run from another folder, "
+                f"or build in place in the source tree: pip install --no-build-isolation -e .")
     return (f"phi_fast._C, the compiled kernels, is not built in {here}; build it from the phi_fast source "
             f"folder: pip install --no-build-isolation .  (or -e . for development)")
 

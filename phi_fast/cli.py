@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from . import _ext
+
 if TYPE_CHECKING:
     from .api import Model
     from .image import ImageInput
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        _ext.extension()  # every command runs the kernels: a missing or stale build fails before anything is done
         return args.run(args)
     except BrokenPipeError:
         _silence_stdout()
@@ -307,7 +310,7 @@ def _one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror}"
     text = " ".join(str(error).split())
-    if isinstance(error, (ValueError, RuntimeError)) and text:
+    if isinstance(error, (ValueError, RuntimeError, ImportError)) and text:
         return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 

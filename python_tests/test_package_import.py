@@ -38,7 +38,7 @@ def test_a_source_tree_shadowing_the_built_package_is_named(tmp_path):
     assert out.returncode == 1
     message = out.stderr.strip()
     assert f"imported from {tree.resolve() / 'phi_fast'}, which has no compiled phi_fast._C" in message
-    assert f"instead of the copy in {PACKAGE_ROOT / 'phi_fast'}" in message
+    assert f"instead of the built copy in {PACKAGE_ROOT / 'phi_fast'}" in message
     assert "Run from another folder" in message and "rebuild" not in message
 
 
@@ -49,3 +49,13 @@ def test_a_package_that_was_never_built_says_so(tmp_path, monkeypatch):
     message = _ext.missing_extension_message("No module named 'phi_fast._C'")
     assert f"is not built in {tree.resolve() / 'phi_fast'}" in message
     assert "pip install --no-build-isolation" in message
+
+
+def test_the_cli_reports_a_missing_build_in_one_line_before_any_output(tmp_path):
+    tree = _source_tree_without_build(tmp_path / "clone")
+    out = subprocess.run([sys.executable, "-m", "phi_fast", "demo", "--dir", str(tmp_path / "demo")], cwd=tree,
+                         env=child_env(), capture_output=True, text=True, timeout=300)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert len(out.stderr.strip().splitlines()) == 1 and "shadows" not in out.stderr
+    assert "python -m phi_fast: error: phi_fast was imported from" in out.stderr
+    assert not (tmp_path / "demo").exists()
