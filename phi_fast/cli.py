@@ -187,7 +187,11 @@ class Answer:
 
 def answer(model: "Model", image: "ImageInput | None", prompt: str, params: "SamplingParams",
            on_piece: Callable[[str], None] | None = None) -> Answer:
-    """Answers one prompt through the model's own streaming path, handing each new piece of text to `on_piece`."""
+    """Answers one prompt through the model's own streaming path, handing each new piece of text to `on_piece`.
+
+    It goes through Model._submit/_stream rather than generate() because --json reports the request's finish
+    reason and token counts, which generate() does not return.
+    """
     t0 = time.perf_counter()
     req = model._submit([(image, prompt)], params)[0]
     pieces, first = [], None
