@@ -107,8 +107,10 @@ def add_load_options(parser: argparse.ArgumentParser, *, model: bool = True) -> 
     """The options that pick and load a model, shared by every subcommand (demo writes its own: model=False)."""
     group = parser.add_argument_group("model")
     if model:
-        group.add_argument("--model", required=True, type=Path, metavar="FOLDER",
-                           help="checkpoint folder (config.json, *.safetensors, tokenizer)")
+        env_model = os.environ.get("PHI_FAST_MODEL")
+        group.add_argument("--model", required=not env_model, type=Path, default=env_model, metavar="FOLDER",
+                           help="checkpoint folder (config.json, *.safetensors, tokenizer); $PHI_FAST_MODEL "
+                                "when not given")
     group.add_argument("--device", default="cpu", type=_device, metavar="{cpu,cuda,cuda:N}", help="where to run")
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                        help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")

@@ -123,6 +123,15 @@ def test_stop_ends_the_answer_like_the_api(ckpt, model, capsys):
     assert (result["answer"], result["finish_reason"]) == (expected, "stop")
 
 
+def test_model_from_the_environment(ckpt, model, capsys, monkeypatch):
+    monkeypatch.delenv("PHI_FAST_MODEL", raising=False)
+    code, _, err = _main(capsys, "generate", "--prompt", QUESTION)
+    _assert_one_line_error(code, err, "--model", status=2)
+    monkeypatch.setenv("PHI_FAST_MODEL", str(ckpt))
+    expected = model.generate(None, QUESTION, max_new_tokens=4)
+    assert _main(capsys, "generate", "--prompt", QUESTION, "--max-new-tokens", "4") == (0, expected + "\n", "")
+
+
 def test_verbose_is_accepted_before_and_after_the_subcommand():
     parser = cli.build_parser("phi_fast")
     base = ["generate", "--model", "m", "--prompt", "p"]
