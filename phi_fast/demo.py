@@ -12,7 +12,6 @@ it wrote before (marked by its MARKER file), so it can never overwrite a real ch
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +24,6 @@ from .checkpoint_writer import write_random_llava_phi
 from .cli import add_load_options, add_sampling_options, answer, load_model, sampling_params
 from .config import TextConfig, VisionConfig
 from .tokenizer import write_demo_tokenizer
-
-log = logging.getLogger(__name__)
 
 DEMO_TEXT = TextConfig(vocab_size=1024, hidden_size=320, intermediate_size=1280, num_layers=4, num_heads=4,
                        rotary_dim=32, rope_theta=10000.0, layer_norm_eps=1e-5, max_position_embeddings=2048)
@@ -83,8 +80,6 @@ def add_demo_parser(sub: Any, **kwargs) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     """`demo`: write the checkpoint, load it, answer about demo_image(), print the answer and timings."""
     params = sampling_params(args)
-    if args.dir is not None:
-        check_demo_folder(args.dir)  # before anything is written
     with tempfile.TemporaryDirectory(prefix="phi_fast_demo_") as tmp:
         folder = args.dir if args.dir is not None else Path(tmp)
         t0 = time.perf_counter()
