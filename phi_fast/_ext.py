@@ -7,6 +7,9 @@ misbehave, so it is an ImportError that says how to rebuild.
 from __future__ import annotations
 
 import functools
+import sys
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -21,8 +24,7 @@ def extension() -> ModuleType:
     try:
         from phi_fast import _C
     except ImportError as error:
-        raise ImportError(f"phi_fast._C, the compiled kernels, could not be imported ({error}); "
-                          f"{REBUILD_HINT}") from error
+        raise ImportError(missing_extension_message(str(error))) from error
     built_torch = _C.torch_version()
     if built_torch != torch.__version__:
         raise ImportError(f"phi_fast._C was built against torch {built_torch} but torch {torch.__version__} is "
@@ -32,6 +34,38 @@ def extension() -> ModuleType:
         raise ImportError(f"phi_fast._C was built for CUDA {built_cuda} but torch runs CUDA {runtime_cuda}; "
                           f"{REBUILD_HINT}")
     return _C
+
+
+def missing_extension_message(error: str) -> str:
+    """Why `from phi_fast import _C` failed, naming the real cause: no build in the imported folder (often a
+    source tree in the current folder shadowing an installed copy) or a build that does not load."""
+    here = Path(__file__).resolve().parent
+    if _compiled_module(here) is not None:
+        return f"phi_fast._C, the compiled kernels in {here}, could not be imported ({error}); {REBUILD_HINT}"
+    others = [folder for folder in _phi_fast_folders() if folder != here and _compiled_module(folder) is not None]
+    if others:
+        return (f"phi_fast was imported from {here}, which has no compiled phi_fast._C, instead of the built copy "
+                f"in {others[0]} (e.g. the installed package): that folder is a source tree on Python's path "
+                f"ahead of it, usually the current folder, which Python searches first. Run from another folder, "
+                f"or build in place in the source tree: pip install --no-build-isolation -e .")
+    return (f"phi_fast._C, the compiled kernels, is not built in {here}; build it from the phi_fast source "
+            f"folder: pip install --no-build-isolation .  (or -e . for development)")
+
+
+def _compiled_module(folder: Path) -> Path | None:
+    """The built _C extension file in a phi_fast package folder, if any."""
+    return next((folder / f"_C{suffix}" for suffix in EXTENSION_SUFFIXES if (folder / f"_C{suffix}").is_file()),
+                None)
+
+
+def _phi_fast_folders() -> list[Path]:
+    """Every phi_fast package folder on sys.path, in search order."""
+    folders = []
+    for entry in sys.path:
+        candidate = Path(entry or ".") / "phi_fast"
+        if (candidate / "__init__.py").is_file() and candidate.resolve() not in folders:
+            folders.append(candidate.resolve())
+    return folders
 
 
 def load_error() -> str | None:

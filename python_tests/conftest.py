@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from package_under_test import PACKAGE_ROOT, child_env, run_python
 from phi_fast.tokenizer import Tokenizer
 from tokenizer_fixture import write_tokenizer
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which phi_fast the tests import (a source tree or an installed copy), and whether its _C loads."""
+    from phi_fast import _ext
+
+    error = _ext.load_error()
+    return f"phi_fast under test: {PACKAGE_ROOT / 'phi_fast'} ({'_C loads' if error is None else error})"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,12 +66,9 @@ def torch_threads(threads):
 @pytest.fixture
 def run_portable():
     """Run Python code in a child process whose C++ kernels take their portable (non-AVX2) paths."""
-    import phi_fast
 
     def run(code: str) -> None:
-        paths = [str(Path(phi_fast.__file__).parents[1]), os.environ.get("PYTHONPATH")]  # the phi_fast under test
-        env = {**os.environ, "PHI_FAST_CPU_PORTABLE": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
-        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        result = run_python(["-c", code], env=child_env(PHI_FAST_CPU_PORTABLE="1"), timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
 
     return run
