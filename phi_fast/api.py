@@ -64,7 +64,9 @@ class Model:
         self.engine = engine  # owned by self.loop's thread once a request was made through the API
         self.path = path
         self.loop = EngineLoop(engine)
-        weakref.finalize(self, self.loop.close, 0)  # a dropped Model stops its engine thread
+        # A dropped Model stops its engine thread; at interpreter exit this waits for the thread to leave torch,
+        # since a daemon thread still inside a kernel while the runtime is torn down aborts the process.
+        weakref.finalize(self, self.loop.close, 10.0)
 
     @property
     def device(self) -> torch.device:
