@@ -64,7 +64,7 @@ class Model:
         self.engine = engine  # owned by self.loop's thread once a request was made through the API
         self.path = path
         self.loop = EngineLoop(engine)
-        weakref.finalize(self, self.loop.close, 0)  # a dropped Model stops its engine thread
+        weakref.finalize(self, self.loop.close, 30.0)  # a dropped Model (or the exit) stops its engine thread
 
     @property
     def device(self) -> torch.device:
