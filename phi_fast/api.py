@@ -64,9 +64,7 @@ class Model:
         self.engine = engine  # owned by self.loop's thread once a request was made through the API
         self.path = path
         self.loop = EngineLoop(engine)
-        # A dropped Model stops its engine thread; at interpreter exit this waits for the thread to leave torch,
-        # since a daemon thread still inside a kernel while the runtime is torn down aborts the process.
-        weakref.finalize(self, self.loop.close, 10.0)
+        weakref.finalize(self, self.loop.close, 30.0)  # a dropped Model (or the exit) stops its engine thread
 
     @property
     def device(self) -> torch.device:
@@ -141,7 +139,7 @@ class Model:
         if not isinstance(stream, bool):
             raise ValueError(f"stream must be a bool, got {stream!r}")
         if isinstance(prompt, str):
-            req = self._prepare([(image, prompt)], params)[0]
+            req = self._submit([(image, prompt)], params)[0]
             return self._stream(req, timeout) if stream else self._answers([req], timeout, single=True)[0]
         if stream:
             raise ValueError("stream=True takes one prompt, not a list")
@@ -150,7 +148,7 @@ class Model:
         images = list(image) if isinstance(image, (list, tuple)) else [image] * len(prompt)
         if len(images) != len(prompt):
             raise ValueError(f"got {len(images)} images for {len(prompt)} prompts")
-        return self._answers(self._prepare(list(zip(images, prompt)), params), timeout, single=False)
+        return self._answers(self._submit(list(zip(images, prompt)), params), timeout, single=False)
 
     def chat(self, image: ImageInput | None = None) -> "Chat":
         """A multi-turn conversation about `image` whose earlier turns stay in the KV cache."""
@@ -168,9 +166,11 @@ class Model:
         return prep(load_image(image), image_size=self.config.vision.image_size,
                     pad_to_square=self.config.pad_to_square)
 
-    def _prepare(self, items: list[tuple[ImageInput | None, str]], params: SamplingParams,
-                 keep_cache: bool = False) -> list[Request]:
-        """Requests for (image, prompt) pairs, built and checked in the caller's thread; nothing is queued."""
+    def _submit(self, items: list[tuple[ImageInput | None, str]], params: SamplingParams,
+                keep_cache: bool = False) -> list[Request]:
+        """Requests for (image, prompt) pairs, built and checked in the caller's thread; nothing is queued yet
+        (`_answers` or `_stream` hand them to the engine loop; the CLI reads a finished one's finish_reason and
+        token counts)."""
         reqs = []
         for i, (image, prompt) in enumerate(items):
             if not isinstance(prompt, str):
@@ -178,14 +178,6 @@ class Model:
             text = build_prompt([(prompt, None)], with_image=image is not None)
             pixels = [] if image is None else [self._pixels(image)]
             reqs.append(self.engine.new_request(tokenize_prompt(self.tokenizer, text), pixels, params, keep_cache))
-        return reqs
-
-    def _submit(self, items: list[tuple[ImageInput | None, str]], params: SamplingParams) -> list[Request]:
-        """Queue requests straight on the engine, for a single-threaded caller that steps it itself (the demo's
-        per-phase timings); never mix with the API calls, which hand the engine to the loop's thread."""
-        reqs = self._prepare(items, params)
-        for r in reqs:
-            self.engine.enqueue(r)
         return reqs
 
     def _answers(self, reqs: list[Request], timeout: float | None, single: bool) -> list[str]:
@@ -214,7 +206,7 @@ class Model:
             raise BatchError(answers, errors)
         return answers
 
-    def _stream(self, req: Request, timeout: float | None) -> Iterator[str]:
+    def _stream(self, req: Request, timeout: float | None = None) -> Iterator[str]:
         yield from self.loop.submit(req).stream(timeout)  # runs at the first next(): the request queues then
 
 

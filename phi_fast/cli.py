@@ -191,11 +191,11 @@ def answer(model: "Model", image: "ImageInput | None", prompt: str, params: "Sam
            on_piece: Callable[[str], None] | None = None) -> Answer:
     """Answers one prompt through the model's own streaming path, handing each new piece of text to `on_piece`.
 
-    It goes through Model._prepare/_stream rather than generate() because --json reports the request's finish
+    It goes through Model._submit/_stream rather than generate() because --json reports the request's finish
     reason and token counts, which generate() does not return.
     """
     t0 = time.perf_counter()
-    req = model._prepare([(image, prompt)], params)[0]
+    req = model._submit([(image, prompt)], params)[0]
     pieces, first = [], None
     for piece in model._stream(req, None):
         first = time.perf_counter() if first is None else first

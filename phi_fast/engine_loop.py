@@ -16,7 +16,9 @@ its own event queue; `on_update(handle)`, if given, is called on the engine thre
 
 The loop survives every exception: a step never raises for a request's sake (Engine.step), and anything else that
 escapes fails the requests the engine holds, which their callers then see. The thread starts at the first command
-and stops at `close()` (the Model that owns the loop closes it when it is garbage-collected).
+and stops at `close()`, which must run before the interpreter exits: a daemon thread left inside torch while C++
+statics are destroyed aborts the process ("terminate called without an active exception"). The Model that owns
+the loop closes it, waiting for the thread, when it is garbage-collected or at exit.
 """
 
 from __future__ import annotations
