@@ -2,7 +2,7 @@
 
 Every subcommand takes the model-loading options from `add_load_options` (one definition, reused by each
 subcommand) and the sampling options from `add_sampling_options`. A user's mistake (a bad argument, model folder,
-image or prompt) ends in one line on stderr and exit status 1 (argparse's own usage errors: status 2); a reader
+image or prompt, a malformed command line) ends in one line on stderr and exit status 1; a reader
 that closes stdout early (`| head`) ends the run quietly with status 141, like any Unix filter killed by SIGPIPE.
 """
 
@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 from . import _ext
 
@@ -68,8 +68,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log at INFO level (with tracebacks of reported errors)")
-    parser = argparse.ArgumentParser(prog=prog, parents=[common], formatter_class=HelpFormatter,
-                                     description="LLaVA-Phi inference: answer questions about images.")
+    parser = Parser(prog=prog, parents=[common], formatter_class=HelpFormatter,
+                    description="LLaVA-Phi inference: answer questions about images.")
     parser.add_argument("--version", action="version", version=f"phi_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -90,6 +90,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
     add_demo_parser(sub, parents=[common], formatter_class=HelpFormatter)
     return parser
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a malformed command line is one line and exit status 1 like every other user error
+    (argparse prints its usage block and exits 2); subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.HelpFormatter):
