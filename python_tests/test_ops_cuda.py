@@ -102,6 +102,7 @@ def test_layernorm(dtype, tokens, hidden, pad):
 @pytest.mark.parametrize("with_b", [True, False])
 @pytest.mark.parametrize("tokens,hidden,pad", [(1, 2560, 0), (17, 2560, 8), (640, 2560, 0), (15, 1000, 5)])
 def test_add_layernorm(dtype, with_b, tokens, hidden, pad):
+    tokens = _sized(tokens, min(tokens, 64))
     x = _strided(tokens, hidden, pad, dtype, seed=4, scale=4.0)
     a = _strided(tokens, hidden, 0, dtype, seed=5)
     b = _strided(tokens, hidden, pad, dtype, seed=6) if with_b else None
@@ -221,9 +222,10 @@ def _cu(lengths, device=None) -> torch.Tensor:
 @pytest.mark.parametrize("head_dim", [80, 64])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lengths,pad", [([1], 0), ([15, 16, 17], 0), ([577], 8), ([1, 15, 16, 17, 577, 3], 0),
-                                         ([40, 70], 3)])
+                                         ([40, 70], 3), ([63, 64, 65], 0)])
 def test_prefill_attention(dtype, head_dim, causal, lengths, pad):
     heads = 4
+    lengths = [_sized(n, min(n, 130)) for n in lengths]  # 130: three query tiles of 64, the last one ragged
     tokens = sum(lengths)
     qkv = _qkv(tokens, heads, head_dim, pad, dtype, seed=20)
     q, k, v = qkv.unbind(1)  # [T, H, D] views, token stride 3 H D + pad
@@ -241,6 +243,7 @@ def test_prefill_attention(dtype, head_dim, causal, lengths, pad):
 @pytest.mark.parametrize("tokens,heads,head_dim,causal", [(2048, 32, 80, True), (640, 32, 80, True),
                                                           (577, 16, 64, False)])
 def test_prefill_attention_model_shapes(dtype, tokens, heads, head_dim, causal):
+    heads = _sized(heads, 1 if tokens > 1024 else 2)
     qkv = _qkv(tokens, heads, head_dim, 0, dtype, seed=21)
     q, k, v = qkv.unbind(1)
     cu = _cu([tokens])
@@ -298,6 +301,7 @@ def _paged_plain(q, kc, vc, table, lens, cu, scale):
     ([2048] * 4, [1] * 4, 32),               # long context
 ])
 def test_paged_attention(dtype, head_dim, seq_lens, q_lens, heads):
+    heads = _sized(heads, min(heads, 8))  # fewer rows: more splits, still split-K
     q, kc, vc, table, lens, cu = _paged_inputs(seq_lens, q_lens, heads, head_dim, dtype)
     scale = head_dim ** -0.5
     _poison_next_alloc(((q.shape[0], heads, head_dim), dtype))

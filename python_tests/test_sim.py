@@ -92,7 +92,7 @@ def test_asan_catches_an_out_of_bounds_shared_write():
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("kind,match", [
     (0, r"divergent __syncthreads: thread .* waits at csrc/sim/selftest.cu:\d+, thread .* at csrc/sim/selftest.cu"),
-    (1, r"__shfl_xor_sync.*(exits while lane|names lanes [-, 0-9]+ that have exited)"),
+    (1, r"exits while lane \d+ waits for it at __shfl_xor_sync|__shfl_xor_sync.* names lanes [-, 0-9]+ that have exited"),
     (2, r"__shfl_xor_sync at csrc/sim/selftest.cu:\d+ \(mask 0xffffffff\) never completes; lane 0 is at "
         r"__syncthreads"),
 ])
