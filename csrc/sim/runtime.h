@@ -3,10 +3,13 @@
 // Execution model. A launch runs its blocks one after another (in the schedule's order, csrc/sim/state.h). A
 // block's threads are cooperative fibers in the calling OS thread: each runs until it reaches a synchronization
 // point (__syncthreads, a warp collective) or exits, then the scheduler runs the next ready thread, so nothing
-// inside the emulator races. Rounds visit the ready threads in the schedule's order until none is ready; then
-// either every live thread waits at the same __syncthreads (all are released) or the block is stuck, which is an
-// error naming who waits where. Warp collectives (shuffles, votes, ldmatrix, mma) complete when the last lane
-// named in the mask arrives: it combines every lane's input once and releases the others, who read their result.
+// inside the emulator races. The next thread is always the ready one that comes first in the schedule's order
+// (forward: lowest index), so the first warp runs through all its warp collectives up to its next __syncthreads
+// before the next warp starts: a thread or warp races as far ahead of the others as synchronization allows, and the
+// opposite order makes the others race ahead of it. When no thread is ready, either every live thread waits at the
+// same __syncthreads (all are released; a random order is redrawn) or the block is stuck, which is an error naming
+// who waits where. Warp collectives (shuffles, votes, ldmatrix, mma) complete when the last lane named in the mask
+// arrives: it combines every lane's input once and releases the others, who read their result.
 //
 // What is checked (each a sim::Fault with the block, thread and source line; never a hang): a __syncthreads that
 // not every live thread reaches (threads at different barriers, or stuck at a warp collective); a warp collective
@@ -215,8 +218,10 @@ struct Block {
   int num_threads = 0;
   std::vector<Thread> threads;
   std::vector<Warp> warps;
-  int ready = 0;
   int live = 0;
+  std::vector<int> order;     // thread indices in the schedule's order
+  std::vector<int> position;  // position of each thread in `order`
+  size_t cursor = 0;          // no thread before order[cursor] is ready
   void (*body)(void*) = nullptr;
   void* body_ctx = nullptr;
   void* scheduler_sp = nullptr;
@@ -448,7 +453,6 @@ inline void barrier(const Location& loc) {
   t.state = State::at_barrier;
   t.at = loc;
   t.what = "__syncthreads";
-  --t.block->ready;
   yield_fiber(t);
 }
 
@@ -493,13 +497,12 @@ inline const Payload& collective(uint32_t mask, const char* what, const Payload&
     for (int j = 0; j < 32; ++j) {
       if (((mask >> j) & 1u) && j != t.lane) {
         lanes[j].state = State::ready;
-        ++b.ready;
+        b.cursor = std::min(b.cursor, static_cast<size_t>(b.position[static_cast<size_t>(lanes[j].linear)]));
       }
     }
     return w.out[t.lane];
   }
   t.state = State::at_collective;
-  --b.ready;
   yield_fiber(t);
   return w.out[t.lane];
 }
@@ -527,7 +530,6 @@ inline void finish_thread(Thread& t) {
   const uint32_t bit = 1u << t.lane;
   w.exited |= bit;
   t.state = State::exited;
-  --b.ready;
   --b.live;
   Thread* lanes = &b.threads[static_cast<size_t>(t.warp) * 32];
   for (int j = 0; j < 32; ++j) {
@@ -586,9 +588,17 @@ inline void resolve(Block& b) {
   for (Thread& t : b.threads) {
     if (t.state == State::at_barrier) {
       t.state = State::ready;
-      ++b.ready;
     }
   }
+  b.cursor = 0;
+}
+
+inline void order_threads(Block& b, Order how) {
+  const int n = b.num_threads;
+  order_indices(b.order, n, how, b.rng);
+  b.position.resize(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) b.position[static_cast<size_t>(b.order[static_cast<size_t>(i)])] = i;
+  b.cursor = 0;
 }
 
 inline void check_guards(const Block& b) {
@@ -628,22 +638,23 @@ inline void run_block(Block& b) {
     b.warps[static_cast<size_t>(t.warp)].present |= 1u << t.lane;
     start_fiber(t);
   }
-  b.ready = b.live = n;
+  b.live = n;
   b.claimed = 0;
   b.fault.clear();
   if (b.dynamic.data != nullptr) poison_slot(b.dynamic);
-  std::vector<int> order;
   const Order how = schedule().order;
-  order_indices(order, n, how, b.rng);
+  order_threads(b, how);
   while (b.live > 0) {
-    if (how == Order::random) order_indices(order, n, how, b.rng);
-    for (int i : order) {
-      Thread& t = b.threads[static_cast<size_t>(i)];
-      if (t.state != State::ready) continue;
-      resume(b, t);
-      if (!b.fault.empty()) throw Fault(b.fault);
+    while (b.cursor < b.order.size() && b.threads[static_cast<size_t>(b.order[b.cursor])].state != State::ready) {
+      ++b.cursor;
     }
-    if (b.live > 0 && b.ready == 0) resolve(b);
+    if (b.cursor == b.order.size()) {  // nobody ready: a barrier to release, or a deadlock
+      resolve(b);
+      if (how == Order::random) order_threads(b, how);
+      continue;
+    }
+    resume(b, b.threads[static_cast<size_t>(b.order[b.cursor])]);
+    if (!b.fault.empty()) throw Fault(b.fault);
   }
   check_guards(b);
 }
