@@ -82,7 +82,7 @@ def _stage_sources(build: Path) -> list[Path]:
                               f'#line 1 "{src}"\n' + rewrite_shared(src.read_text(), str(src)))
             if src.suffix == ".cu":
                 units.append(f"{folder}/{src.name}")
-    units += [f"{folder}/{src.name}" for folder in ("ops", "cpu") for src in sorted((CSRC / folder).glob("*.cpp"))]
+    units += [f"ops/{src.name}" for src in sorted((CSRC / "ops").glob("*.cpp"))]  # (csrc/cpu is never called)
     units.append("bindings.cpp")
     paths = []
     for unit in units:

@@ -148,8 +148,7 @@ void dispatch_device(const OpContext& ctx, [[maybe_unused]] OnCpu&& on_cpu, [[ma
   on_cuda(nullptr);
   const int error = sim::take_last_error();
   TORCH_CHECK(error == 0, ctx.op, ": CUDA error: ", sim::error_string(error));
-  return;
-#endif
+#else  // (so the sim build never instantiates on_cpu and needs no csrc/cpu)
   if (!ctx.device.is_cuda()) {
     on_cpu();
     return;
@@ -161,6 +160,7 @@ void dispatch_device(const OpContext& ctx, [[maybe_unused]] OnCpu&& on_cpu, [[ma
 #else
   TORCH_CHECK(false, ctx.op, ": got CUDA tensors but phi_fast was built without CUDA; rebuild with a CUDA ",
               "build of torch and nvcc on PATH: pip install --no-build-isolation . (with PHI_FAST_SKIP_CUDA unset)");
+#endif
 #endif
 }
 
