@@ -6,7 +6,9 @@ Every function has the signature and docstring of its phi_fast.reference twin pl
 - "cpp": the compiled kernels of phi_fast._C, on the tensors' device (CPU, or CUDA when built with it); a
   missing or stale build raises ImportError saying how to rebuild, an unsupported input a RuntimeError or
   ValueError naming the argument and the bad value;
-- "reference": phi_fast.reference (pure PyTorch, fp32 math), the oracle.
+- "reference": phi_fast.reference (pure PyTorch, fp32 math), the oracle;
+- "sim": the CUDA kernels on CPU tensors under the SIMT emulator (phi_fast/_sim.py: built on first use from a
+  source checkout's csrc/, for tests; same checks as "cpp", GEMMs are torch's).
 Validation lives in the C++ ops (csrc/ops), which check every argument before touching memory.
 """
 
@@ -20,9 +22,9 @@ from types import ModuleType
 
 import torch
 
-from . import _ext, reference
+from . import _ext, _sim, reference
 
-BACKENDS = ("auto", "cpp", "reference")
+BACKENDS = ("auto", "cpp", "reference", "sim")
 _DEFAULT_BACKEND = contextvars.ContextVar("phi_fast_backend", default=os.environ.get("PHI_FAST_BACKEND", "cpp"))
 
 
@@ -33,15 +35,18 @@ def _impl(backend: str) -> ModuleType:
         return _ext.extension()
     if name == "reference":
         return reference
+    if name == "sim":
+        return _sim.extension()
     source = "PHI_FAST_BACKEND / use_backend" if backend == "auto" else "backend"
-    raise ValueError(f"unknown {source} {name!r} (supported: 'cpp', 'reference'; and 'auto' for the argument)")
+    raise ValueError(f"unknown {source} {name!r} (supported: 'cpp', 'reference', 'sim'; and 'auto' for the "
+                     "argument)")
 
 
 @contextlib.contextmanager
 def use_backend(backend: str) -> Iterator[None]:
-    """Within the block, backend="auto" means `backend` ("cpp" or "reference") in this thread/context."""
-    if backend not in ("cpp", "reference"):
-        raise ValueError(f"unknown backend {backend!r} (supported: 'cpp', 'reference')")
+    """Within the block, backend="auto" means `backend` ("cpp", "reference" or "sim") in this thread/context."""
+    if backend not in ("cpp", "reference", "sim"):
+        raise ValueError(f"unknown backend {backend!r} (supported: 'cpp', 'reference', 'sim')")
     token = _DEFAULT_BACKEND.set(backend)
     try:
         yield

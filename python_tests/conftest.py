@@ -1,6 +1,9 @@
-"""Shared pytest setup: the `cuda` marker (tests that need a CUDA GPU) and skipping them without one."""
+"""Shared pytest setup: the `cuda` marker (tests that need a CUDA GPU) and skipping them without one; the
+`cuda_sim` marker (the CUDA kernels on the CPU under the SIMT emulator, any machine) and its fixtures."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -20,6 +23,8 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped when torch sees none)")
+    config.addinivalue_line("markers", "cuda_sim: runs the CUDA kernels on the CPU under the SIMT emulator "
+                                       "(the sim backend, built from csrc/ into build/sim on first use)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -31,16 +36,49 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture
-def nan_filled_outputs():
-    """torch.empty (and the extension's at::empty) return NaN-filled memory during the test: unwritten outputs fail."""
+@contextlib.contextmanager
+def _nan_fill():
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_filling = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(was_deterministic)
-    torch.utils.deterministic.fill_uninitialized_memory = was_filling
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+@pytest.fixture
+def nan_filled_outputs():
+    """torch.empty (and the extension's at::empty) return NaN-filled memory during the test: unwritten outputs fail."""
+    with _nan_fill():
+        yield
+
+
+@pytest.fixture
+def nan_filled_outputs_cpu():
+    """The context manager behind nan_filled_outputs, for fixtures that poison only some of their cases."""
+    return _nan_fill
+
+
+@pytest.fixture
+def sim_order():
+    """Context manager factory: `with sim_order("reverse"):` runs the sim backend's launches with the block's threads
+    (and the grid's blocks) in that order ("forward", "reverse", "random" with `seed`); yields the sim extension."""
+    from phi_fast import _sim
+
+    @contextlib.contextmanager
+    def use(order: str, seed: int = 0):
+        ext = _sim.extension()
+        before = ext.sim_order()
+        ext.sim_set_order(order, seed)
+        try:
+            yield ext
+        finally:
+            ext.sim_set_order(before, 0)
+
+    return use
 
 
 @pytest.fixture(scope="module", params=["json", "files"])

@@ -1,11 +1,14 @@
 """CUDA kernels (csrc/cuda) vs phi_fast.reference: every op over fp32/fp16/bf16 and awkward shapes.
 
-Each test calls phi_fast.ops with backend="cpp" on CUDA tensors, so the compiled CUDA kernel runs. Outputs the
-op allocates are NaN-poisoned through the caching allocator (a freed block of the same size, filled with 0xFF
-bytes = NaN in every float dtype, is what the op's torch.empty gets back), and caches written in place are
-poisoned directly, so an element the kernel fails to write fails the test. Attention follows flash-attention's
-rule: the error against an fp32 reference is at most twice that of a plain PyTorch implementation in the
-low-precision dtype.
+Every test runs on each target (the `target` fixture): "cuda" calls phi_fast.ops with backend=BACKEND on CUDA tensors
+(marker `cuda`, needs a GPU); "sim_forward" and "sim_reverse" call backend="sim" on CPU tensors, so the same CUDA
+kernel sources run under the SIMT emulator (csrc/sim, marker `cuda_sim`, any machine) with the block's threads
+scheduled in two opposite orders. Outputs the op allocates are NaN-poisoned (on CUDA through the caching allocator:
+a freed block of the same size, filled with 0xFF bytes = NaN in every float dtype, is what the op's torch.empty gets
+back; on the CPU by torch's fill_uninitialized_memory), and caches written in place are poisoned directly, so an
+element the kernel fails to write fails the test. Attention follows flash-attention's rule: the error against an
+fp32 reference is at most twice that of a plain PyTorch implementation in the low-precision dtype. Shapes marked
+`_sized` shrink under the emulator, keeping their boundaries (pages, tiles, splits).
 """
 
 from __future__ import annotations
@@ -17,16 +20,38 @@ import torch
 
 from phi_fast import ops, reference
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif("cuda" not in ops.available_backends(),
-                       reason="needs a GPU and phi_fast._C built with CUDA"),
-]
-
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (atol, rtol) of an elementwise / row op against the fp32 reference rounded to the dtype: about 2 ulps.
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+# The current target's device and ops backend, set by the autouse `target` fixture for each test.
 DEV = "cuda"
+BACKEND = "cpp"
+
+_HAS_CUDA = "cuda" in ops.available_backends()
+
+
+@pytest.fixture(autouse=True, params=[
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not _HAS_CUDA, reason="needs a GPU and phi_fast._C built with CUDA")]),
+    pytest.param("sim_forward", marks=pytest.mark.cuda_sim),
+    pytest.param("sim_reverse", marks=pytest.mark.cuda_sim),
+])
+def target(request, sim_order, nan_filled_outputs_cpu):
+    """Runs the test on CUDA tensors with the compiled kernels, or on CPU tensors under the SIMT emulator."""
+    global DEV, BACKEND
+    if request.param == "cuda":
+        DEV, BACKEND = "cuda", "cpp"
+        yield request.param
+    else:
+        DEV, BACKEND = "cpu", "sim"
+        with sim_order(request.param.removeprefix("sim_")), nan_filled_outputs_cpu():
+            yield request.param
+    DEV, BACKEND = "cuda", "cpp"
+
+
+def _sized(full, emulated):
+    """`full` on a GPU, the smaller `emulated` under the emulator (it runs each thread as a CPU fiber)."""
+    return emulated if BACKEND == "sim" else full
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -44,7 +69,10 @@ def _strided(rows: int, cols: int, pad: int, dtype: torch.dtype, seed: int, scal
 
 
 def _poison_next_alloc(*shapes_dtypes: tuple[tuple[int, ...], torch.dtype]) -> None:
-    """Leaves freed, NaN-filled blocks of these sizes in the caching allocator for the op's outputs."""
+    """Leaves freed, NaN-filled blocks of these sizes in the caching allocator for the op's outputs (on the CPU,
+    the `target` fixture has torch fill every new tensor with NaN instead)."""
+    if DEV != "cuda":
+        return
     blocks = [torch.full((math.prod(shape) * torch.finfo(dt).bits // 8,), 0xFF, dtype=torch.uint8, device=DEV)
               for shape, dt in shapes_dtypes]
     del blocks
@@ -66,7 +94,7 @@ def test_layernorm(dtype, tokens, hidden, pad):
     w = _randn(hidden, dtype=dtype, seed=2)
     b = _randn(hidden, dtype=dtype, seed=3)
     _poison_next_alloc(((tokens, hidden), dtype))
-    y = ops.layernorm(x, w, b, 1e-5, backend="cpp")
+    y = ops.layernorm(x, w, b, 1e-5, backend=BACKEND)
     _assert_close(y, reference.layernorm(x, w, b, 1e-5), dtype, "layernorm")
 
 
@@ -74,13 +102,14 @@ def test_layernorm(dtype, tokens, hidden, pad):
 @pytest.mark.parametrize("with_b", [True, False])
 @pytest.mark.parametrize("tokens,hidden,pad", [(1, 2560, 0), (17, 2560, 8), (640, 2560, 0), (15, 1000, 5)])
 def test_add_layernorm(dtype, with_b, tokens, hidden, pad):
+    tokens = _sized(tokens, min(tokens, 64))
     x = _strided(tokens, hidden, pad, dtype, seed=4, scale=4.0)
     a = _strided(tokens, hidden, 0, dtype, seed=5)
     b = _strided(tokens, hidden, pad, dtype, seed=6) if with_b else None
     w = _randn(hidden, dtype=dtype, seed=7)
     bias = _randn(hidden, dtype=dtype, seed=8)
     _poison_next_alloc(((tokens, hidden), dtype), ((tokens, hidden), dtype))
-    s, y = ops.add_layernorm(x, a, b, w, bias, 1e-5, backend="cpp")
+    s, y = ops.add_layernorm(x, a, b, w, bias, 1e-5, backend=BACKEND)
     s_ref, y_ref = reference.add_layernorm(x, a, b, w, bias, 1e-5)
     _assert_close(s, s_ref, dtype, "add_layernorm s")
     _assert_close(y, y_ref, dtype, "add_layernorm y")
@@ -99,7 +128,7 @@ def test_embed_layernorm(dtype, batch, patches, hidden, contiguous):
     w = _randn(hidden, dtype=dtype, seed=12)
     b = _randn(hidden, dtype=dtype, seed=13)
     _poison_next_alloc(((batch, patches + 1, hidden), dtype))
-    y = ops.embed_layernorm(p, cls, pos, w, b, 1e-5, backend="cpp")
+    y = ops.embed_layernorm(p, cls, pos, w, b, 1e-5, backend=BACKEND)
     _assert_close(y, reference.embed_layernorm(p, cls, pos, w, b, 1e-5), dtype, "embed_layernorm")
 
 
@@ -113,9 +142,9 @@ def test_bias_activation(dtype, approximate, tokens, width, pad):
     bias = _randn(width, dtype=dtype, seed=15)
     _poison_next_alloc(((tokens, width), dtype))
     if approximate == "quick":
-        y, ref = ops.bias_quick_gelu(x, bias, backend="cpp"), reference.bias_quick_gelu(x, bias)
+        y, ref = ops.bias_quick_gelu(x, bias, backend=BACKEND), reference.bias_quick_gelu(x, bias)
     else:
-        y, ref = ops.bias_gelu(x, bias, approximate, backend="cpp"), reference.bias_gelu(x, bias, approximate)
+        y, ref = ops.bias_gelu(x, bias, approximate, backend=BACKEND), reference.bias_gelu(x, bias, approximate)
     _assert_close(y, ref, dtype, f"bias_gelu {approximate}")
 
 
@@ -140,7 +169,7 @@ def test_rotary_cache(dtype, head_dim, rotary_dim, tokens, pad):
     kc = torch.full((num_pages, page_size, heads, head_dim), float("nan"), dtype=dtype, device=DEV)
     vc = torch.full_like(kc, float("nan"))
     qkv_ref, kc_ref, vc_ref = qkv.clone(), kc.clone(), vc.clone()
-    ops.rotary_cache(qkv, positions, cos, sin, kc, vc, slots, backend="cpp")
+    ops.rotary_cache(qkv, positions, cos, sin, kc, vc, slots, backend=BACKEND)
     reference.rotary_cache(qkv_ref, positions, cos, sin, kc_ref, vc_ref, slots)
     _assert_close(qkv, qkv_ref, dtype, "rotary_cache qkv")
     written = torch.zeros(num_pages * page_size, dtype=torch.bool, device=DEV)
@@ -157,7 +186,7 @@ def test_rotary_without_cache(dtype):
     positions = torch.arange(33, device=DEV) + 600
     cos, sin = reference.rotary_tables(32, 2048, device=DEV)
     qkv_ref = qkv.clone()
-    ops.rotary_cache(qkv, positions, cos, sin, None, None, None, backend="cpp")
+    ops.rotary_cache(qkv, positions, cos, sin, None, None, None, backend=BACKEND)
     reference.rotary_cache(qkv_ref, positions, cos, sin, None, None, None)
     _assert_close(qkv, qkv_ref, dtype, "rotary_cache without cache")
 
@@ -185,24 +214,25 @@ def _check_attention(out, ref, plain, dtype, what):
     assert err <= 2 * plain_err + 1e-4, f"{what}: max error {err} > 2 x plain {dtype} attention's {plain_err}"
 
 
-def _cu(lengths, device=DEV) -> torch.Tensor:
-    return torch.tensor([0] + list(lengths), device=device).cumsum(0).to(torch.int32)
+def _cu(lengths, device=None) -> torch.Tensor:
+    return torch.tensor([0] + list(lengths), device=device or DEV).cumsum(0).to(torch.int32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [80, 64])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lengths,pad", [([1], 0), ([15, 16, 17], 0), ([577], 8), ([1, 15, 16, 17, 577, 3], 0),
-                                         ([40, 70], 3)])
+                                         ([40, 70], 3), ([63, 64, 65], 0)])
 def test_prefill_attention(dtype, head_dim, causal, lengths, pad):
     heads = 4
+    lengths = [_sized(n, min(n, 130)) for n in lengths]  # 130: three query tiles of 64, the last one ragged
     tokens = sum(lengths)
     qkv = _qkv(tokens, heads, head_dim, pad, dtype, seed=20)
     q, k, v = qkv.unbind(1)  # [T, H, D] views, token stride 3 H D + pad
     cu = _cu(lengths)
     scale = head_dim ** -0.5
     _poison_next_alloc(((tokens, heads, head_dim), dtype))
-    out = ops.prefill_attention(q, k, v, cu, scale, causal, backend="cpp")
+    out = ops.prefill_attention(q, k, v, cu, scale, causal, backend=BACKEND)
     ref = reference.prefill_attention(q.float(), k.float(), v.float(), cu, scale, causal)
     plain = torch.cat([_attend_plain(q[lo:hi], k[lo:hi], v[lo:hi], scale, 0 if causal else None)
                        for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist())])
@@ -213,11 +243,12 @@ def test_prefill_attention(dtype, head_dim, causal, lengths, pad):
 @pytest.mark.parametrize("tokens,heads,head_dim,causal", [(2048, 32, 80, True), (640, 32, 80, True),
                                                           (577, 16, 64, False)])
 def test_prefill_attention_model_shapes(dtype, tokens, heads, head_dim, causal):
+    heads = _sized(heads, 1 if tokens > 1024 else 2)
     qkv = _qkv(tokens, heads, head_dim, 0, dtype, seed=21)
     q, k, v = qkv.unbind(1)
     cu = _cu([tokens])
     scale = head_dim ** -0.5
-    out = ops.prefill_attention(q, k, v, cu, scale, causal, backend="cpp")
+    out = ops.prefill_attention(q, k, v, cu, scale, causal, backend=BACKEND)
     ref = reference.prefill_attention(q.float(), k.float(), v.float(), cu, scale, causal)
     plain = _attend_plain(q, k, v, scale, 0 if causal else None)
     _check_attention(out, ref, plain, dtype, f"prefill_attention {tokens} x {heads} x {head_dim}")
@@ -270,10 +301,11 @@ def _paged_plain(q, kc, vc, table, lens, cu, scale):
     ([2048] * 4, [1] * 4, 32),               # long context
 ])
 def test_paged_attention(dtype, head_dim, seq_lens, q_lens, heads):
+    heads = _sized(heads, min(heads, 8))  # fewer rows: more splits, still split-K
     q, kc, vc, table, lens, cu = _paged_inputs(seq_lens, q_lens, heads, head_dim, dtype)
     scale = head_dim ** -0.5
     _poison_next_alloc(((q.shape[0], heads, head_dim), dtype))
-    out = ops.paged_attention(q, kc, vc, table, lens, cu, scale, backend="cpp")
+    out = ops.paged_attention(q, kc, vc, table, lens, cu, scale, backend=BACKEND)
     ref = reference.paged_attention(q.float(), kc.float(), vc.float(), table, lens, cu, scale)
     plain = _paged_plain(q, kc, vc, table, lens, cu, scale)
     _check_attention(out, ref, plain, dtype, f"paged_attention {seq_lens} / {q_lens}")
@@ -282,7 +314,7 @@ def test_paged_attention(dtype, head_dim, seq_lens, q_lens, heads):
 def test_paged_attention_page_size_32():
     q, kc, vc, table, lens, cu = _paged_inputs([31, 32, 33, 700], [1, 1, 2, 1], 8, 80, torch.bfloat16,
                                                page_size=32)
-    out = ops.paged_attention(q, kc, vc, table, lens, cu, 0.1, backend="cpp")
+    out = ops.paged_attention(q, kc, vc, table, lens, cu, 0.1, backend=BACKEND)
     ref = reference.paged_attention(q.float(), kc.float(), vc.float(), table, lens, cu, 0.1)
     _check_attention(out, ref, _paged_plain(q, kc, vc, table, lens, cu, 0.1), torch.bfloat16, "page_size 32")
 
@@ -297,7 +329,7 @@ def test_fp16_large_activations_stay_finite():
     x[:, 7] = 30000.0  # outlier channel
     a = _randn(64, 2560, dtype=dt, seed=41, scale=1000.0)
     w, b = _randn(2560, dtype=dt, seed=42), _randn(2560, dtype=dt, seed=43)
-    s, y = ops.add_layernorm(x, a, None, w, b, 1e-5, backend="cpp")
+    s, y = ops.add_layernorm(x, a, None, w, b, 1e-5, backend=BACKEND)
     s_ref, y_ref = reference.add_layernorm(x, a, None, w, b, 1e-5)
     assert torch.isfinite(s).all() and torch.isfinite(y).all()
     torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-3, rtol=2e-3)
@@ -305,7 +337,7 @@ def test_fp16_large_activations_stay_finite():
 
     h = _randn(16, 10240, dtype=dt, seed=44, scale=300.0)
     h[0, :4] = torch.tensor([60000.0, -60000.0, 20000.0, -3.0])
-    g = ops.bias_gelu(h, torch.zeros(10240, dtype=dt, device=DEV), "tanh", backend="cpp")
+    g = ops.bias_gelu(h, torch.zeros(10240, dtype=dt, device=DEV), "tanh", backend=BACKEND)
     assert torch.isfinite(g).all()
     torch.testing.assert_close(g.float(), reference.bias_gelu(h, torch.zeros_like(h[0]), "tanh").float(),
                                atol=2e-3, rtol=2e-3)
@@ -315,14 +347,14 @@ def test_fp16_large_activations_stay_finite():
     q, k, v = qkv.unbind(1)
     v = v / 30.0
     cu = _cu([300])
-    out = ops.prefill_attention(q, k, v, cu, 80 ** -0.5, True, backend="cpp")
+    out = ops.prefill_attention(q, k, v, cu, 80 ** -0.5, True, backend=BACKEND)
     ref = reference.prefill_attention(q.float(), k.float(), v.float(), cu, 80 ** -0.5, True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
     qp, kc, vc, table, lens, cu_q = _paged_inputs([300, 17], [1, 1], 8, 80, dt)
     qp, kc = qp * 30.0, kc * 30.0
-    out = ops.paged_attention(qp, kc, vc, table, lens, cu_q, 80 ** -0.5, backend="cpp")
+    out = ops.paged_attention(qp, kc, vc, table, lens, cu_q, 80 ** -0.5, backend=BACKEND)
     ref = reference.paged_attention(qp.float(), kc.float(), vc.float(), table, lens, cu_q, 80 ** -0.5)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
@@ -339,7 +371,7 @@ def test_patchify_uint8(layout):
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=DEV)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=DEV)
     _poison_next_alloc(((2, 576, 588), torch.float32))
-    out = ops.patchify(pixels, 14, mean, std, backend="cpp")
+    out = ops.patchify(pixels, 14, mean, std, backend=BACKEND)
     ref = reference.patchify(pixels, 14, mean, std)
     assert out.dtype == torch.float32 and out.shape == (2, 576, 588)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
@@ -349,7 +381,7 @@ def test_patchify_uint8(layout):
 def test_patchify_float(dtype):
     pixels = _randn(1, 28, 42, 3, dtype=dtype, seed=51).permute(0, 3, 1, 2)  # channels-last strides
     _poison_next_alloc(((1, 6, 588), dtype))
-    out = ops.patchify(pixels, 14, backend="cpp")
+    out = ops.patchify(pixels, 14, backend=BACKEND)
     assert torch.equal(out, reference.patchify(pixels, 14))
 
 
@@ -374,7 +406,7 @@ def test_patch_embed_equals_conv2d_cat_add_layer_norm(dtype, batch, height, widt
     expected = torch.nn.functional.layer_norm(x, (hidden,), ln_w, ln_b, 1e-5)
     pixels = raw if pixel_kind == "uint8" else normalized.to(dtype)
     out = ops.patch_embed(pixels, conv.reshape(hidden, -1).to(dtype), cls.to(dtype), pos.to(dtype), ln_w.to(dtype),
-                          ln_b.to(dtype), 1e-5, patch, mean, std, backend="cpp")
+                          ln_b.to(dtype), 1e-5, patch, mean, std, backend=BACKEND)
     assert out.shape == (batch, n + 1, hidden) and out.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
@@ -382,7 +414,8 @@ def test_patch_embed_equals_conv2d_cat_add_layer_norm(dtype, batch, height, widt
 
 # ---- CUDA graphs ------------------------------------------------------------------------------------------
 
-def test_decode_step_is_graph_capturable():
+@pytest.mark.parametrize("target", ["cuda"], indirect=True)
+def test_decode_step_is_graph_capturable(target):
     """rotary_cache + paged_attention (split-K) capture into a CUDA graph (no host sync, no host reads of device
     data) and replay on new inputs bit-identically to eager calls."""
     dt, heads, head_dim = torch.bfloat16, 32, 80
@@ -395,8 +428,8 @@ def test_decode_step_is_graph_capturable():
     scale = head_dim ** -0.5
 
     def step(qkv, kc, vc):
-        ops.rotary_cache(qkv, positions, cos, sin, kc, vc, slots, backend="cpp")
-        return ops.paged_attention(qkv[:, 0], kc, vc, table, lens, cu, scale, backend="cpp")
+        ops.rotary_cache(qkv, positions, cos, sin, kc, vc, slots, backend=BACKEND)
+        return ops.paged_attention(qkv[:, 0], kc, vc, table, lens, cu, scale, backend=BACKEND)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -58,8 +58,8 @@ void launch_with_vec(T* y, const T* x, int64_t x_stride, const T* bias, int64_t 
                      cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(width / VEC, kThreads)),
                   static_cast<unsigned>(num_tokens < kMaxGridY ? num_tokens : kMaxGridY));
-  bias_act_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(y, x, x_stride, bias, num_tokens,
-                                                          static_cast<int>(width), act);
+  launch_kernel(bias_act_kernel<T, VEC, Act>, grid, kThreads, 0, stream, y, x, x_stride, bias, num_tokens,
+                static_cast<int>(width), act);
 }
 
 template <typename Act>

@@ -101,8 +101,9 @@ void paged_attention(void* out, const void* q, int64_t q_token_stride, int64_t q
                                        value_cache, cache_row, head_dim);
     launch_attend_rows<T>(p, keys, num_tokens, num_heads, head_dim, vec_ok, s);
     if (splits > 1) {
-      combine_splits_kernel<T><<<static_cast<unsigned>(num_tokens * num_heads), 128, 0, s>>>(
-          static_cast<T*>(out), partial_o, partial_ml, static_cast<int>(splits), static_cast<int>(head_dim));
+      launch_kernel(combine_splits_kernel<T>, static_cast<unsigned>(num_tokens * num_heads), 128, 0, s,
+                    static_cast<T*>(out), partial_o, partial_ml, static_cast<int>(splits),
+                    static_cast<int>(head_dim));
     }
   });
 }

@@ -236,15 +236,15 @@ void launch_attend_rows(const RowsParams<T>& p, const Keys& keys, int64_t num_to
   constexpr int kV = kVec<T>;
   if (head_dim == 64) {
     if (vec_ok) {
-      attend_rows_kernel<T, 64, kV><<<grid, kRowThreads, 0, stream>>>(p, keys);
+      launch_kernel(attend_rows_kernel<T, 64, kV, Keys>, grid, kRowThreads, 0, stream, p, keys);
     } else {
-      attend_rows_kernel<T, 64, 1><<<grid, kRowThreads, 0, stream>>>(p, keys);
+      launch_kernel(attend_rows_kernel<T, 64, 1, Keys>, grid, kRowThreads, 0, stream, p, keys);
     }
   } else if (head_dim == 80) {
     if (vec_ok) {
-      attend_rows_kernel<T, 80, kV><<<grid, kRowThreads, 0, stream>>>(p, keys);
+      launch_kernel(attend_rows_kernel<T, 80, kV, Keys>, grid, kRowThreads, 0, stream, p, keys);
     } else {
-      attend_rows_kernel<T, 80, 1><<<grid, kRowThreads, 0, stream>>>(p, keys);
+      launch_kernel(attend_rows_kernel<T, 80, 1, Keys>, grid, kRowThreads, 0, stream, p, keys);
     }
   } else {
     throw std::invalid_argument("phi_fast CUDA attention: unsupported head_dim " + std::to_string(head_dim) +

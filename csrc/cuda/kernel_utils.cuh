@@ -14,6 +14,7 @@
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "common/dtype.h"
 
@@ -39,6 +40,20 @@ inline bool is_aligned(const void* p, int64_t bytes) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+// The one way kernels are launched: kernel<<<grid, block, shared_bytes, stream>>>(args...) under nvcc; under the
+// SIMT emulator (PHI_FAST_SIM, csrc/sim) the same kernel runs on the CPU. Errors surface as with <<<>>>:
+// through cudaGetLastError, checked by the caller.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                   Args&&... args) {
+#ifdef PHI_FAST_SIM
+  (void)stream;
+  ::phi_fast::sim::launch(kernel, grid, block, shared_bytes, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
+#endif
+}
 
 // Number of SMs of the current device, cached per device (a host attribute query: no stream work, so it is
 // safe during CUDA graph capture).

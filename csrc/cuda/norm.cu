@@ -134,13 +134,13 @@ void launch_with_vec(T* y, const Row& row_in, const T* weight, const T* bias, in
   const int c = static_cast<int>(hidden);
   const dim3 grid(static_cast<unsigned>(rows));
   if (threads_for(1) <= kMaxThreads) {
-    layernorm_kernel<T, VEC, 1><<<grid, threads_for(1), 0, stream>>>(y, row_in, weight, bias, c, eps);
+    launch_kernel(layernorm_kernel<T, VEC, 1, Row>, grid, threads_for(1), 0, stream, y, row_in, weight, bias, c, eps);
   } else if (threads_for(2) <= kMaxThreads) {
-    layernorm_kernel<T, VEC, 2><<<grid, threads_for(2), 0, stream>>>(y, row_in, weight, bias, c, eps);
+    launch_kernel(layernorm_kernel<T, VEC, 2, Row>, grid, threads_for(2), 0, stream, y, row_in, weight, bias, c, eps);
   } else if (threads_for(4) <= kMaxThreads) {
-    layernorm_kernel<T, VEC, 4><<<grid, threads_for(4), 0, stream>>>(y, row_in, weight, bias, c, eps);
+    launch_kernel(layernorm_kernel<T, VEC, 4, Row>, grid, threads_for(4), 0, stream, y, row_in, weight, bias, c, eps);
   } else if (threads_for(8) <= kMaxThreads) {
-    layernorm_kernel<T, VEC, 8><<<grid, threads_for(8), 0, stream>>>(y, row_in, weight, bias, c, eps);
+    launch_kernel(layernorm_kernel<T, VEC, 8, Row>, grid, threads_for(8), 0, stream, y, row_in, weight, bias, c, eps);
   } else {
     throw std::invalid_argument("phi_fast CUDA layernorm: hidden " + std::to_string(hidden) +
                                 " too large (at most " + std::to_string(8 * kMaxThreads * VEC) +

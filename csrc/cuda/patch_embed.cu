@@ -59,8 +59,8 @@ void launch(TOut* out, const TIn* pixels, int64_t stride_b, int64_t stride_c, in
   const ImageGeometry g{stride_b, stride_c, stride_h, stride_w, static_cast<int>(channels),
                         static_cast<int>(patch), static_cast<int>(grid_w), static_cast<int>(num_patches)};
   const int threads = static_cast<int>(row_len >= 256 ? 256 : ceil_div(row_len, 32) * 32);
-  patchify_kernel<TIn, TOut, kNormalize>
-      <<<static_cast<unsigned>(rows), threads, 0, stream>>>(out, pixels, g, mean, std);
+  launch_kernel(patchify_kernel<TIn, TOut, kNormalize>, static_cast<unsigned>(rows), threads, 0, stream, out, pixels, g,
+                mean, std);
 }
 
 }  // namespace

@@ -118,7 +118,7 @@ void launch(T* qkv, T* key_cache, T* value_cache, const RotaryParams& p, cudaStr
   if (units == 0) return;
   const dim3 grid(static_cast<unsigned>(ceil_div(units, kThreads)),
                   static_cast<unsigned>(p.num_tokens < kMaxGridY ? p.num_tokens : kMaxGridY));
-  rotary_cache_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(qkv, key_cache, value_cache, p);
+  launch_kernel(rotary_cache_kernel<T, VEC>, grid, kThreads, 0, stream, qkv, key_cache, value_cache, p);
 }
 
 }  // namespace

@@ -21,7 +21,14 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-// Keeps its arguments in CUDA builds, drops them otherwise (calls into phi_fast::cuda launchers).
+#endif
+
+#ifdef PHI_FAST_SIM
+#include "sim/state.h"
+#endif
+
+#if defined(PHI_FAST_WITH_CUDA) || defined(PHI_FAST_SIM)
+// Keeps its arguments in CUDA (and sim) builds, drops them otherwise (calls into phi_fast::cuda launchers).
 #define PHI_FAST_CUDA_ONLY(...) __VA_ARGS__
 #else
 #define PHI_FAST_CUDA_ONLY(...)
@@ -132,9 +139,16 @@ inline void check_cu_seqlens_values(const OpContext& ctx, const char* name, cons
 }
 
 // Runs on_cpu() for CPU tensors; for CUDA tensors runs on_cuda(stream) under a device guard on the current
-// stream and checks the launch. Builds without CUDA raise a clear error instead.
+// stream and checks the launch. Builds without CUDA raise a clear error instead. The sim build (phi_fast/_sim.py)
+// runs on_cuda for CPU tensors: the CUDA launchers and kernels execute under the SIMT emulator (csrc/sim).
 template <typename OnCpu, typename OnCuda>
-void dispatch_device(const OpContext& ctx, OnCpu&& on_cpu, [[maybe_unused]] OnCuda&& on_cuda) {
+void dispatch_device(const OpContext& ctx, [[maybe_unused]] OnCpu&& on_cpu, [[maybe_unused]] OnCuda&& on_cuda) {
+#ifdef PHI_FAST_SIM
+  TORCH_CHECK(ctx.device.is_cpu(), ctx.op, ": the sim backend runs on cpu tensors, got ", ctx.device);
+  on_cuda(nullptr);
+  const int error = sim::take_last_error();
+  TORCH_CHECK(error == 0, ctx.op, ": CUDA error: ", sim::error_string(error));
+#else  // (so the sim build never instantiates on_cpu and needs no csrc/cpu)
   if (!ctx.device.is_cuda()) {
     on_cpu();
     return;
@@ -146,6 +160,7 @@ void dispatch_device(const OpContext& ctx, OnCpu&& on_cpu, [[maybe_unused]] OnCu
 #else
   TORCH_CHECK(false, ctx.op, ": got CUDA tensors but phi_fast was built without CUDA; rebuild with a CUDA ",
               "build of torch and nvcc on PATH: pip install --no-build-isolation . (with PHI_FAST_SKIP_CUDA unset)");
+#endif
 #endif
 }
 
