@@ -12,6 +12,7 @@ build/sim/src, line numbers kept and mapped back with #line) into calls of the e
 PHI_FAST_SIM_ASAN=1 builds (into build/sim-asan) and loads an AddressSanitizer build instead; the process must then
 run with libasan preloaded (LD_PRELOAD=$(g++ -print-file-name=libasan.so), ASAN_OPTIONS=detect_leaks=0).
 PHI_FAST_SIM_ORDER=forward|reverse|random[:seed] sets the initial thread order (see csrc/sim/state.h).
+PHI_FAST_SOURCE_DIR names the checkout to build from (default: the folder above this package).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from types import ModuleType
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+# The checkout whose csrc/ is built: $PHI_FAST_SOURCE_DIR (the tests set it to their own checkout, which matters
+# after a plain install, when this file lives in site-packages), else the folder above this package.
+ROOT = Path(os.environ.get("PHI_FAST_SOURCE_DIR") or Path(__file__).resolve().parents[1])
 CSRC = ROOT / "csrc"
 log = logging.getLogger("phi_fast.sim")
 

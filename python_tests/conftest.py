@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 
-import pytest
-import torch
+# The sim backend builds this checkout's csrc/, also when the phi_fast under test is an installed copy.
+os.environ.setdefault("PHI_FAST_SOURCE_DIR", str(Path(__file__).resolve().parents[1]))
 
-from package_under_test import PACKAGE_ROOT, child_env, run_python
-from phi_fast.tokenizer import Tokenizer
-from tokenizer_fixture import write_tokenizer
+import pytest  # noqa: E402 - after the environment the imports below read
+import torch  # noqa: E402
+
+from package_under_test import PACKAGE_ROOT, child_env, run_python  # noqa: E402
+from phi_fast.tokenizer import Tokenizer  # noqa: E402
+from tokenizer_fixture import write_tokenizer  # noqa: E402
 
 
 def pytest_report_header(config: pytest.Config) -> str:

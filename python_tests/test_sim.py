@@ -5,13 +5,10 @@ collectives -- plus sm_90's launch limits."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from package_under_test import run_python
 from phi_fast import _sim
 
 pytestmark = pytest.mark.cuda_sim
@@ -85,7 +82,7 @@ def test_out_of_bounds_shared_write_is_caught(sim):
 def test_asan_catches_an_out_of_bounds_shared_write():
     code = ("import torch; from phi_fast import _sim; out = torch.zeros(64); "
             "_sim.extension().sim_selftest('oob_shared', [out.data_ptr()])")
-    result = subprocess.run([sys.executable, "-c", code], env=os.environ, capture_output=True, text=True, timeout=300)
+    result = run_python(["-c", code], timeout=300)
     assert result.returncode != 0 and "heap-buffer-overflow" in result.stderr, result.stderr[-2000:]
 
 
