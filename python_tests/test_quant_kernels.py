@@ -40,7 +40,7 @@ def _weight(n: int, k: int, cfg: QuantConfig, seed: int = 0) -> QuantizedWeight:
 
 def _run_child(code: str, **env: str) -> None:
     """Run code in a child process with extra environment (the kernels' path switches are read once per process)."""
-    paths = [str(Path(phi_fast.__file__).parents[1]), os.environ.get("PYTHONPATH")]
+    paths = [str(Path(phi_fast.__file__).parents[1]), str(Path(__file__).parent), os.environ.get("PYTHONPATH")]
     full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     result = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -120,9 +120,23 @@ def test_dequantize_matches_reference_exactly(cfg, k):
     assert torch.equal(out, reference.dequantize(packed.qweight, packed.scales, k))
 
 
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the decode kernels see it: int8 per block of 32 inputs, scale max|x| / 127, round half to even,
+    back to fp32 (the kernels' exact products of these values are the reference for M <= 16)."""
+    m, k = x.shape
+    xf = torch.nn.functional.pad(x.float(), (0, -k % 32)).view(m, -1, 32)
+    amax = xf.abs().amax(dim=2, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # (127.0 / t is t.reciprocal() * 127)
+    q = torch.round(xf * inv).clamp(-127, 127)
+    return (q * (amax / 127.0)).view(m, -1)[:, :k]
+
+
 def _check(x: torch.Tensor, w: QuantizedWeight, b: torch.Tensor | None, what: str) -> None:
     out = ops.linear(x, w, b, backend=CPP)
     ref = reference.quant_linear(x, w.qweight, w.scales, b)
+    if x.shape[0] <= 16:  # decode: activations quantized to int8 blocks on the fly
+        ref = reference.quant_linear(quantized_activations(x), w.qweight, w.scales,
+                                     b.float() if b is not None else None).to(x.dtype)
     assert (out.dtype, out.shape) == (ref.dtype, ref.shape), f"{what}: {out.dtype} {out.shape} vs {ref.shape}"
     assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten elements?)"
     if x.dtype == torch.bfloat16 and x.shape[0] > 16 and ops.cpu_features()["native_bf16"]:
@@ -188,6 +202,7 @@ def test_quant_linear_empty():
 
 _CHILD_CHECK = (
     "import torch\n"
+    "from test_quant_kernels import quantized_activations\n"
     "from phi_fast import ops, reference\n"
     "from phi_fast.quant import QuantConfig, quantize\n"
     "assert ops.cpu_features() == EXPECTED, ops.cpu_features()\n"
@@ -198,8 +213,9 @@ _CHILD_CHECK = (
     "            w = quantize(torch.randn(n, k) / k ** 0.5, cfg)\n"
     "            x, b = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)\n"
     "            assert torch.equal(ops.dequantize(w.qweight, w.scales, k, backend='cpp'), w.dequantize())\n"
-    "            torch.testing.assert_close(ops.linear(x, w, b, backend='cpp').float(),\n"
-    "                reference.quant_linear(x, w.qweight, w.scales, b).float(), atol=tol, rtol=tol)\n"
+    "            xr = quantized_activations(x) if m <= 16 else x.float()\n"
+    "            ref = reference.quant_linear(xr, w.qweight, w.scales, b.float())\n"
+    "            torch.testing.assert_close(ops.linear(x, w, b, backend='cpp').float(), ref, atol=tol, rtol=tol)\n"
 )
 
 
