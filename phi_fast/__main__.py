@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="pack the language model's linear weights at load time (CPU only)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -52,7 +54,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .api import load
 
     try:
-        model = load(args.model, args.device, args.dtype, progress=sys.stderr.isatty())
+        model = load(args.model, args.device, args.dtype, progress=sys.stderr.isatty(), quantize=args.quantize)
         out = model.generate(args.image, args.prompt, stream=args.stream, **sampling_kwargs(args))
         if args.stream:
             for piece in out:
@@ -60,7 +62,7 @@ def _generate(args: argparse.Namespace) -> int:
             print()
         else:
             print(out)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

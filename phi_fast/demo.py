@@ -56,7 +56,7 @@ def run_demo(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         write_demo_checkpoint(folder)
         t1 = time.perf_counter()
-        model = load(folder, args.device, args.dtype, progress=False)
+        model = load(folder, args.device, args.dtype, progress=False, quantize=args.quantize)
         t2 = time.perf_counter()
         prompt = "What is in this picture?"
         print(f"checkpoint: {folder} (random weights, LLaVA-Phi layout)")
