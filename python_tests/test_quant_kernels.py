@@ -273,7 +273,7 @@ def _error_cases() -> dict[str, tuple]:
         "K too small int4": (lambda: ops.quant_linear(torch.randn(4, 64), w4.qweight, w4.scales, backend=CPP),
                              ValueError, r"holds 65..128 inputs, but in_features is 64"),
         "bad group": (lambda: ops.quant_linear(x, w4.qweight, w4.scales[:, :1].repeat(1, 3).contiguous(),
-                                               backend=CPP), ValueError, r"multiple of 32"),
+                                               backend=CPP), ValueError, r"power of two >= 32"),
         "scales dtype": (lambda: ops.quant_linear(x, w8.qweight, w8.scales.half(), backend=CPP),
                          RuntimeError, r"quant_linear: scales has dtype float16, expected float32"),
         "scales shape": (lambda: ops.quant_linear(x, w8.qweight, w8.scales[:15], backend=CPP),

@@ -308,10 +308,15 @@ struct BlockArgs {
   const QuantX* qx;
   int64_t M;
   float* acc;  // [M, rows, lanes]
+  const float* scales;  // int4: the block's first row of group scales ([rows, groups])
+  int64_t groups;       // int4: scales per row
+  int group_shift;      // int4: log2(group size)
 };
 
-// int4 scale of input k's group in row n.
-inline float group_scale(const QuantWeight& w, int64_t n, int64_t k) { return int4_row(w, n).scales[k / w.group_size]; }
+// int4 scale of input k's group in row r of the block.
+inline float group_scale(const BlockArgs& a, int64_t r, int64_t k) {
+  return a.scales[r * a.groups + (k >> a.group_shift)];
+}
 
 void chunk_portable(const BlockArgs& a) {
   const QuantWeight& w = *a.w;
@@ -333,7 +338,7 @@ void chunk_portable(const BlockArgs& a) {
           sum += static_cast<float>(dot) * s;
         } else {
           const float t = static_cast<float>(dot) * s - a.qx->corr[m * a.qx->units + unit_index];
-          sum += t * group_scale(w, a.n0 + r, k);
+          sum += t * group_scale(a, r, k);
         }
       }
       a.acc[m * a.rows + r] += sum;
@@ -360,7 +365,7 @@ PHI_FAST_TARGET_AVX2 void tile_avx2(const BlockArgs& a, int64_t m0) {
     __m256 ws[R];
     for (int r = 0; r < R; ++r) {
       wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.buf + r * kChunk + u * kRun));
-      ws[r] = _mm256_set1_ps(int4 ? group_scale(w, a.n0 + r, k) : 1.0f);
+      ws[r] = _mm256_set1_ps(int4 ? group_scale(a, r, k) : 1.0f);
     }
     for (int m = 0; m < MT; ++m) {
       const int64_t mm = m0 + m;
@@ -424,8 +429,8 @@ PHI_FAST_TARGET_VNNI void tile_vnni(const BlockArgs& a, int64_t m0) {
     for (int r = 0; r < R; ++r) {
       wv[r] = _mm512_loadu_si512(a.buf + r * kChunk + u * 64);
       if (int4) {  // lanes 0-3, 8-11: the unit's first run; 4-7, 12-15: its second
-        const __m512 s0 = _mm512_set1_ps(group_scale(w, a.n0 + r, k));
-        const __m512 s1 = _mm512_set1_ps(k + 32 < round_up(w.K, w.group_size) ? group_scale(w, a.n0 + r, k + 32) : 0.0f);
+        const __m512 s0 = _mm512_set1_ps(group_scale(a, r, k));
+        const __m512 s1 = _mm512_set1_ps(((k + 32) >> a.group_shift) < a.groups ? group_scale(a, r, k + 32) : 0.0f);
         ws[r] = _mm512_mask_blend_ps(0xF0F0, s0, s1);
       } else {
         ws[r] = _mm512_castsi512_ps(_mm512_dpbusd_epi32(zero, offset, wv[r]));  // 128 * sum(w) per lane (int32)
@@ -505,6 +510,10 @@ void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight
   const double weights = static_cast<double>(w.N) * w.K;
   const double work_ns = std::max(stream_ns(weight_bytes * weights), weights * (kNsPerWeight + M * kNsPerProduct));
   const int64_t blocks = (w.N + kRows - 1) / kRows;
+  const bool int4 = w.format == QuantFormat::int4;
+  const int64_t groups = int4 ? round_up(w.K, w.group_size) / w.group_size : 1;
+  const int group_shift = int4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
+  const float* scales = int4 ? w.scales : nullptr;
   parallel_rows(blocks, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
     std::vector<uint8_t> buf(kRows * kChunk);
     std::vector<float> acc(M * kRows * lanes);
@@ -514,7 +523,8 @@ void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t k0 = 0; k0 < w.K; k0 += kChunk) {
         pack_chunk(isa, buf.data(), w, n0, rows, k0);
-        run_chunk(isa, BlockArgs{buf.data(), rows, &w, n0, k0, &qx, M, acc.data()});
+        run_chunk(isa, BlockArgs{buf.data(), rows, &w, n0, k0, &qx, M, acc.data(), scales + n0 * groups, groups,
+                                 group_shift});
       }
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t r = 0; r < rows; ++r) {

@@ -5,7 +5,7 @@
 // Formats (phi_fast/quant.py writes them; spec of the math: phi_fast/reference.py dequantize):
 // - int8: data int8 [N, K], w[n, k] = data[n, k] * scales[n] (one fp32 scale per output channel).
 // - int4: data uint8 [N, Kp / 2], Kp = K rounded up to the group size G (a multiple of 32), scales fp32
-//   [N, Kp / G]. Each run of 32 weights k0 .. k0 + 31 (k0 % 32 == 0) is 16 bytes: byte i holds weight k0 + i in
+//   [N, Kp / G], G a power of two (32, 64, 128). Each run of 32 weights k0 .. k0 + 31 (k0 % 32 == 0) is 16 bytes: byte i holds weight k0 + i in
 //   its low nibble and weight k0 + 16 + i in its high nibble, as q + 8 with q in [-8, 7];
 //   w[n, k] = q * scales[n, k / G]. Weights k >= K (padding) are never used.
 #pragma once

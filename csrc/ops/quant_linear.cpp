@@ -36,10 +36,9 @@ cpu::QuantWeight check_quant_weight(const OpContext& ctx, const at::Tensor& qwei
   const int64_t N = qweight.size(0), kp = 2 * qweight.size(1);
   check_arg(ctx, "scales", scales, {N, -1}, "[N, Kp / G]", Layout::contiguous, at::kFloat);
   const int64_t groups = scales.size(1);
-  TORCH_CHECK_VALUE(groups > 0 && kp % groups == 0 && (kp / groups) % 32 == 0, ctx.op, ": int4 qweight [N, Kp / 2] = ",
-                    qweight.sizes(), " and scales [N, Kp / G] = ", scales.sizes(),
-                    " do not give a group size G that is a multiple of 32");
-  const int64_t G = kp / groups;
+  const int64_t G = groups > 0 && kp % groups == 0 ? kp / groups : 0;
+  TORCH_CHECK_VALUE(G >= 32 && (G & (G - 1)) == 0, ctx.op, ": int4 qweight [N, Kp / 2] = ", qweight.sizes(),
+                    " and scales [N, Kp / G] = ", scales.sizes(), " do not give a group size G that is a power of two >= 32");
   TORCH_CHECK_VALUE(K <= kp && K > kp - G, ctx.op, ": int4 qweight ", qweight.sizes(), " with group size ", G,
                     " holds ", kp - G + 1, "..", kp, " inputs, but in_features is ", K);
   return {qweight.data_ptr(), scales.data_ptr<float>(), cpu::QuantFormat::int4, N, K, G};
