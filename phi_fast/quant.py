@@ -7,7 +7,9 @@ Formats (the kernels' contract: csrc/cpu/quant_linear.h; the math: phi_fast.refe
   group, symmetric like llama.cpp's Q4_0: the group's weight of largest magnitude m maps to -8, scale = m / -8,
   q = clamp(round(w / scale), -8, 7). K is padded with zeros up to Kp (a multiple of G). qweight uint8 [N, Kp / 2]:
   each run of 32 weights is 16 bytes, byte i = (q[i] + 8) | (q[i + 16] + 8) << 4; scales fp32 [N, Kp / G].
-Activations are not quantized: the kernels dequantize weights to fp32 in registers / L1 and multiply in fp32.
+Decode-sized products (up to 16 rows of x) quantize the activations on the fly to int8 in blocks of 32 (scale
+max|x| / 127) and use integer dot products, like llama.cpp's Q8_0 x Q8_0 / Q4_0 x Q8_0; prompts dequantize the
+weights tile by tile into torch's GEMM and keep the activations as they are (csrc/cpu/quant_linear.cpp).
 
 Which tensors: the Phi-2 linears (qkv, dense, fc1, fc2 of every layer, lm_head) and the projector's two linears.
 The vision tower stays in the model dtype: it runs once per image as a 577-token compute-bound GEMM (weights

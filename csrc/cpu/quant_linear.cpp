@@ -141,7 +141,7 @@ PHI_FAST_TARGET_AVX512 void dequant_avx512(float* dst, const QuantWeight& w, int
 // - VNNI int4: a unit is two runs r0, r1 and is laid out [r0 low nibbles, r1 low, r0 high, r1 high], i.e. inputs
 //   [0..15, 32..47, 16..31, 48..63] of the unit (what one 32-byte load of the two runs unpacks into);
 // - everything else: inputs in order.
-// Per unit, lanes(isa) fp32 lane vectors carry what each 32-bit lane of the int32 products needs: the activation
+// Per unit, lanes_of(isa) fp32 lane vectors carry what each 32-bit lane of the int32 products needs: the activation
 // scale of its block, and (int4) the correction 8 * scale * (sum of the lane's four qx).
 
 int unit_of(Isa isa) { return isa == Isa::vnni ? 64 : 32; }

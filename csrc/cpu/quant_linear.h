@@ -32,7 +32,9 @@ struct QuantWeight {
 void dequantize_rows(float* dst, int64_t dst_stride, const QuantWeight& w, int64_t n0, int64_t rows);
 
 // out = x @ w^T + bias (bias may be null) for a few rows of x (decode: M = batch <= 16), reading each packed
-// weight row once for all M rows: weights are dequantized to fp32 in L1-sized chunks and multiplied in fp32.
+// weight row once for all M rows. x is quantized on the fly to int8 per block of 32 inputs (scale max|x| / 127,
+// round half to even) and multiplied with integer dot products; that rounding of x is the only difference from
+// the reference (dequantize, then matmul).
 // out: [M, N] contiguous in dtype; x: [M, K] in dtype with row stride x_stride; bias: [N] in dtype or null.
 void quant_linear(void* out, const void* x, int64_t x_stride, const QuantWeight& w, const void* bias, int64_t M,
                   DType dtype, int num_threads);
