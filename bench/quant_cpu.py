@@ -16,7 +16,7 @@ Measured, per precision (phi_fast: model dtype bf16, linears packed at load time
   (llama-bench: tg64 and tg64 at depth 620), greedy, batch 1;
 - the memory floor: bytes read per token (decoder weights + lm_head, packed or not) / the read bandwidth measured
   in the same run (a sum over 256 MiB).
-llama-bench runs with -fa 0 (its faster decode setting on this machine kind) and -r reps. phi_fast takes the best
+llama-bench runs with -fa 0 (its faster decode setting on this machine kind), --repack 0 and -r reps. phi_fast takes the best
 of --reps repetitions (medians would need more time than the run has). OMP_WAIT_POLICY=passive for both stacks.
 Writes bench/results/quant_cpu-cpu-<cores>core-<date>.{json,md}.
 """
@@ -127,7 +127,9 @@ def gguf_models(hf_dir: Path, llamacpp: Path, folder: Path) -> dict[str, Path]:
 def llama_bench(llamacpp: Path, model: Path, threads: int, reps: int, n: int, context: int) -> dict[str, float]:
     """tokens/s of llama-bench: prompt (pp<context>), decode (tg<n>) and decode at depth <context>."""
     exe = str(llamacpp / "build" / "bin" / "llama-bench")
-    common = ["-m", str(model), "-t", str(threads), "-r", str(reps), "-fa", "0", "-o", "json"]
+    # --repack 0: with its default weight repacking, this build's Q8_0 and Q4_0 crash (SIGSEGV in libggml-cpu) on
+    # the AVX-512 machine of the 2026-12-01 run; F16 is not repacked either way.
+    common = ["-m", str(model), "-t", str(threads), "-r", str(reps), "-fa", "0", "--repack", "0", "-o", "json"]
     runs = json.loads(subprocess.run([exe, *common, "-p", str(context), "-n", str(n)], check=True,
                                      capture_output=True, text=True).stdout)
     runs += json.loads(subprocess.run([exe, *common, "-p", "0", "-n", str(n), "-d", str(context)], check=True,
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.only:
         quantize, kind = PRECISIONS[name]
         r = ours(folder, quantize, args.new_tokens, args.context, args.reps)
+        log.info("phi_fast %s: %s", name, json.dumps(r))
         r["llamacpp_type"] = kind
         if kind in ggufs:
             r["llamacpp"] = llama_bench(args.llamacpp, ggufs[kind], args.threads, args.reps, args.new_tokens,
@@ -233,13 +236,13 @@ def main(argv: list[str] | None = None) -> dict:
         r["floor_tok_s"] = round(ceilings["read_gbps"] * 1e9 / r["weight_bytes"], 2)
         results[name] = r
         log.info("%s: %s", name, json.dumps(r))
-    report = {"suite": "quant_cpu", "gpu": "cpu", "torch": torch.__version__, "commit": git_commit(),
-              "uncommitted": _uncommitted(), "date": datetime.date.today().isoformat(), "threads": args.threads,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu_features": phi_fast.ops.cpu_features(),
-              "loadavg_1min": os.getloadavg()[0], "others_share": _others_share(busy0, wall0),
-              "ceilings": ceilings, "results": results}
-    stem = args.out / f"quant_cpu-cpu-{os.cpu_count()}core-{report['date']}"
-    write_report(stem, report, markdown(report))
+        report = {"suite": "quant_cpu", "gpu": "cpu", "torch": torch.__version__, "commit": git_commit(),
+                  "uncommitted": _uncommitted(), "date": datetime.date.today().isoformat(), "threads": args.threads,
+                  "reps": args.reps, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                  "cpu_features": phi_fast.ops.cpu_features(), "loadavg_1min": os.getloadavg()[0],
+                  "others_share": _others_share(busy0, wall0), "ceilings": ceilings, "results": results}
+        stem = args.out / f"quant_cpu-cpu-{os.cpu_count()}core-{report['date']}"
+        write_report(stem, report, markdown(report))  # after every precision: a cut-short run keeps its rows
     print(markdown(report))
     return report
 

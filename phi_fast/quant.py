@@ -28,7 +28,7 @@ from . import reference
 
 FORMATS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-DEFAULT_GROUP_SIZE = 64
+DEFAULT_GROUP_SIZE = 32  # most accurate and no slower than 64 or 128 (bench/NOTES.md)
 _RUN = 32  # int4 weights per 16-byte run
 _ROWS_PER_STEP = 4096  # quantize this many rows at a time (bounds the fp32 temporaries of lm_head)
 _QUANTIZED = re.compile(r"(text\.layers\.\d+\.(qkv|dense|fc1|fc2)|text\.lm_head|projector\.fc[12])\.weight")
