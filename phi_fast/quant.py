@@ -36,7 +36,7 @@ _QUANTIZED = re.compile(r"(text\.layers\.\d+\.(qkv|dense|fc1|fc2)|text\.lm_head|
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What to quantize into: format "int8" or "int4", and the int4 group size."""
+    """What to quantize into: format "int8" or "int4", and the int4 group size (0 for int8, which has none)."""
 
     format: str
     group_size: int = DEFAULT_GROUP_SIZE
@@ -44,7 +44,9 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"unsupported quantize {self.format!r} (supported: {', '.join(FORMATS)})")
-        if self.format == "int4" and self.group_size not in GROUP_SIZES:
+        if self.format == "int8":
+            object.__setattr__(self, "group_size", 0)  # one scale per row: configs differing only here are equal
+        elif self.group_size not in GROUP_SIZES:
             raise ValueError(f"unsupported int4 group_size {self.group_size} (supported: {GROUP_SIZES})")
 
     def to_json(self) -> dict:
