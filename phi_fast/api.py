@@ -21,6 +21,9 @@ from .image import ImageInput, load_image, preprocess, preprocess_uint8
 from .kv_cache import PagePool
 from .model import LlavaPhi
 from .prompt import build_prompt, tokenize_prompt
+from .quant import DEFAULT_GROUP_SIZE, QuantConfig, QuantizedWeight, is_quantized_name
+from .quant import quantize as quantize_weight
+from .quant_checkpoint import load_quantized_weights, read_quant_config, save_model
 from .sampling import SamplingParams, check_stop
 from .tokenizer import Tokenizer
 from .weights import load_weights
@@ -63,6 +66,7 @@ class Model:
         self.tokenizer = tokenizer
         self.engine = engine  # owned by self.loop's thread once a request was made through the API
         self.path = path
+        self.quant: QuantConfig | None = None  # how the linears are packed (None: full precision)
         self.loop = EngineLoop(engine)
         weakref.finalize(self, self.loop.close, 30.0)  # a dropped Model (or the exit) stops its engine thread
 
@@ -78,7 +82,8 @@ class Model:
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
              dtype: str | torch.dtype | None = None, *, progress: bool = True,
              cache_memory: int | float | None = None, page_size: int = 16, max_num_seqs: int = 64,
-             cuda_graphs: bool | None = None, prefix_cache: int = 16) -> "Model":
+             cuda_graphs: bool | None = None, prefix_cache: int = 16, quantize: str | None = None,
+             group_size: int = DEFAULT_GROUP_SIZE) -> "Model":
         """Load a checkpoint folder (config.json, safetensors, tokenizer) in any supported layout.
 
         device: "cpu" or "cuda[:N]". dtype: float32/bfloat16/float16 (default float32 on CPU, bfloat16 on CUDA).
@@ -90,6 +95,9 @@ class Model:
         same image); their pages are the first to go when the cache runs short. 0 turns it off.
         Everything that would fail at the first generate() (unsupported sizes, a tokenizer larger than the
         model's vocabulary, bad engine settings) raises ValueError here, before the weights are read.
+        quantize: "int8" or "int4" packs the Phi-2 linears and the projector at load time, tensor by tensor
+        (phi_fast.quant; int4 in groups of group_size inputs); a checkpoint written by `save` from a quantized
+        model loads quantized without it. CPU only for now: CUDA raises NotImplementedError.
         """
         path = Path(path)
         device = _check_device(device)
@@ -98,7 +106,16 @@ class Model:
         config = load_config(path)
         tokenizer = Tokenizer.from_dir(path)
         _check_supported(config, tokenizer, path)
-        weights = load_weights(path, config, dtype=dtype, device=device, progress=progress)
+        quant = _quant_config(path, quantize, group_size, device)
+        if quant is not None and read_quant_config(path) is not None:
+            weights = load_quantized_weights(path, config, quant, dtype=dtype, device=device, progress=progress)
+        elif quant is not None:
+            def pack(name: str, tensor: torch.Tensor) -> QuantizedWeight | None:
+                return _quantize_to(tensor, quant, device) if is_quantized_name(name) else None
+
+            weights = load_weights(path, config, dtype=dtype, device=device, progress=progress, transform=pack)
+        else:
+            weights = load_weights(path, config, dtype=dtype, device=device, progress=progress)
         llava = LlavaPhi(config, weights)
         t = config.text
         page_bytes = PagePool.page_bytes(t.num_layers, t.num_heads, t.head_dim, page_size, dtype)
@@ -117,7 +134,17 @@ class Model:
         log.info("KV cache: %d pages of %d tokens (%.1f MiB)", num_pages, page_size, num_pages * page_bytes / 2**20)
         engine = Engine(llava, tokenizer, pool, max_num_seqs=max_num_seqs, use_cuda_graphs=cuda_graphs,
                         prefix_cache=prefix_cache)
-        return cls(config, llava, tokenizer, engine, path)
+        model = cls(config, llava, tokenizer, engine, path)
+        model.quant = quant
+        return model
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write this model as a LLaVA-Phi checkpoint folder (config.json, safetensors, tokenizer files): packed
+        weights and scales when it was loaded with quantize=, so that `load(path)` reads them back as they are."""
+        path = Path(path)
+        if path.resolve() == self.path.resolve():
+            raise ValueError(f"save: {path} is the folder this model was loaded from; choose another folder")
+        return save_model(path, self.config, self.llava.decoder.w, self.quant, self.path)
 
     def generate(self, image: ImageInput | None | Sequence[ImageInput | None], prompt: str | Sequence[str], *,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -337,3 +364,22 @@ def _check_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch
     if dtype not in DTYPES.values():
         raise ValueError(f"unsupported dtype {dtype} (supported: float32, bfloat16, float16)")
     return dtype
+
+
+def _quant_config(path: Path, quantize: str | None, group_size: int, device: torch.device) -> QuantConfig | None:
+    """The quantization to load with: the checkpoint's own (a saved quantized model), else quantize=."""
+    saved = read_quant_config(path)
+    if saved is not None and quantize is not None and quantize != saved.format:
+        raise ValueError(f"{path} holds {saved.format} weights; load it with quantize=None or {saved.format!r}, "
+                         f"not {quantize!r}")
+    quant = saved if saved is not None else (None if quantize is None else QuantConfig(quantize, group_size))
+    if quant is not None and device.type == "cuda":
+        raise NotImplementedError(f"quantize={quant.format!r}: int8/int4 weights have no CUDA kernels yet (issue 14, "
+                                  f"CUDA part); load on device='cpu' or without quantize=")
+    return quant
+
+
+def _quantize_to(tensor: torch.Tensor, quant: QuantConfig, device: torch.device) -> QuantizedWeight:
+    packed = quantize_weight(tensor, quant)
+    return QuantizedWeight(packed.qweight.to(device), packed.scales.to(device), packed.in_features)
+

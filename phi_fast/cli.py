@@ -36,6 +36,7 @@ PROMPT_FILE_LIMIT = 1 << 20  # bytes; the context holds 2048 tokens, so a larger
 EXIT_USER_ERROR = 1
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE, as a shell reports a filter killed by it
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+QUANTIZE_CHOICES = ("int8", "int4")
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -122,6 +123,8 @@ def add_load_options(parser: argparse.ArgumentParser, *, model: bool = True) -> 
     group.add_argument("--device", default="cpu", type=_device, metavar="{cpu,cuda,cuda:N}", help="where to run")
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                        help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
+    group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                       help="pack the language model's linear weights at load time (CPU only for now)")
 
 
 def load_model(args: argparse.Namespace, folder: Path | None = None) -> "Model":
@@ -135,7 +138,7 @@ def load_model(args: argparse.Namespace, folder: Path | None = None) -> "Model":
         raise ValueError(f"--model {folder}: is a file, not a checkpoint folder{hint}")
     if not folder.exists():
         raise ValueError(f"--model {folder}: no such folder")
-    return load(folder, args.device, args.dtype, progress=sys.stderr.isatty())
+    return load(folder, args.device, args.dtype, progress=sys.stderr.isatty(), quantize=args.quantize)
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:

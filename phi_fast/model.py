@@ -100,7 +100,10 @@ class Projector:
         if out is None:
             return ops.linear(h, w["projector.fc2.weight"], w["projector.fc2.bias"]).view(b, n, -1)
         for i, dst in enumerate(out):
-            torch.addmm(w["projector.fc2.bias"], h[i * n:(i + 1) * n], w["projector.fc2.weight"].t(), out=dst)
+            if isinstance(w["projector.fc2.weight"], torch.Tensor):
+                torch.addmm(w["projector.fc2.bias"], h[i * n:(i + 1) * n], w["projector.fc2.weight"].t(), out=dst)
+            else:  # packed (phi_fast.quant)
+                dst.copy_(ops.linear(h[i * n:(i + 1) * n], w["projector.fc2.weight"], w["projector.fc2.bias"]))
         return None
 
 

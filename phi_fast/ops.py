@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 
 from . import _ext, _sim, reference
+from .quant import QuantizedWeight
 
 BACKENDS = ("auto", "cpp", "reference", "sim")
 _DEFAULT_BACKEND = contextvars.ContextVar("phi_fast_backend", default=os.environ.get("PHI_FAST_BACKEND", "cpp"))
@@ -127,10 +128,35 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     return _impl(backend).paged_attention(q, key_cache, value_cache, block_table, seq_lens, cu_seqlens_q, scale)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None,
            backend: str = "auto") -> torch.Tensor:
     """out = x @ weight^T + bias (bias may be None). x: [M, K]; weight: [N, K]; bias: [N] -> [M, N] in x's dtype."""
+    if isinstance(weight, QuantizedWeight):
+        return quant_linear(x, weight.qweight, weight.scales, bias, backend)
     return _impl(backend).linear(x, weight, bias)
+
+
+def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                 backend: str = "auto") -> torch.Tensor:
+    """out = x @ dequantize(qweight, scales, K)^T + bias. x: [M, K]; qweight: int8 [N, K] or packed int4 uint8
+    [N, Kp / 2]; scales: fp32 [N] or [N, Kp / G]; bias: [N] or None -> [M, N] in x's dtype."""
+    return _impl(backend).quant_linear(x, qweight, scales, bias)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, in_features: int, backend: str = "auto") -> torch.Tensor:
+    """int8 / packed int4 weights -> fp32 [N, in_features] (formats: phi_fast.quant).
+
+    qweight int8 [N, K], scales fp32 [N]: w = q * scale. qweight uint8 [N, Kp / 2] (packed int4), scales fp32
+    [N, Kp / G]: each 16-byte run holds 32 weights (byte i: weight i in the low nibble, weight i + 16 in the high
+    one, as q + 8), w = (nibble - 8) * scale of its group of G; columns past in_features are padding.
+    """
+    return _impl(backend).dequantize(qweight, scales, in_features)
+
+
+def cpu_features() -> dict[str, bool]:
+    """The CPU kernel paths this process takes: {"avx2", "avx512", "native_bf16"} (CPU features and the
+    PHI_FAST_CPU_PORTABLE / PHI_FAST_CPU_NO_AVX512 / PHI_FAST_CPU_NO_BF16 switches)."""
+    return dict(_ext.extension().cpu_features())
 
 
 def patchify(pixels: torch.Tensor, patch: int, mean: torch.Tensor | None = None,

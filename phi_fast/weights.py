@@ -418,8 +418,13 @@ def _read_tensor(handle: BinaryIO, info: TensorInfo) -> torch.Tensor:
 
 
 def load_weights(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dtype | str = torch.float32,
-                 device: torch.device | str = "cpu", progress: bool = True) -> dict[str, torch.Tensor]:
+                 device: torch.device | str = "cpu", progress: bool = True,
+                 transform: Callable[[str, torch.Tensor], object | None] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor the model needs, under canonical names, in `dtype` on `device`.
+
+    transform(name, tensor) sees each canonical tensor as read (CPU, checkpoint dtype) before the conversion to
+    dtype/device; what it returns (unless None) is stored instead (load-time quantization: phi_fast.quant), so no
+    full-precision copy of the model is ever held.
 
     The CLIP weights come from the checkpoint if it holds them, else from config.vision_tower_path.
     Raises FileNotFoundError / CheckpointError (a ValueError) naming the file, tensor and shapes; never returns
@@ -455,8 +460,12 @@ def load_weights(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dty
             for info in infos:
                 if info.file not in handles:
                     handles[info.file] = stack.enter_context(open(info.file, "rb"))
-                parts.append(_read_tensor(handles[info.file], info).to(device=device, dtype=dtype))
-            out[entry.name] = entry.combine(parts).contiguous()
+                parts.append(_read_tensor(handles[info.file], info))
+            replaced = transform(entry.name, entry.combine(parts)) if transform is not None else None
+            if replaced is not None:
+                out[entry.name] = replaced
+                continue
+            out[entry.name] = entry.combine([part.to(device=device, dtype=dtype) for part in parts]).contiguous()
     if not config.lm_head_bias:
         out["text.lm_head.bias"] = torch.zeros(config.text.vocab_size, dtype=dtype, device=device)
     return out

@@ -38,6 +38,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& key_cache, con
 // linear.cpp
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
+// quant_linear.cpp
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& bias);
+at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64_t in_features);
+
 // patch_embed.cpp
 at::Tensor patchify(const at::Tensor& pixels, int64_t patch, const std::optional<at::Tensor>& mean,
                     const std::optional<at::Tensor>& std);
