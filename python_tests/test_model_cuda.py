@@ -10,16 +10,14 @@ from PIL import Image
 import phi_fast
 from phi_fast import ops
 from phi_fast.image import preprocess, preprocess_uint8
-from phi_fast.kv_cache import SequencePages
-from phi_fast.model import StepBatch
 from phi_fast.prompt import build_prompt, tokenize_prompt
 from phi_fast.sampling import SamplingParams
 
 from checkpoints import make_tiny_checkpoints
+from model_agreement import assert_tokens_agree_until_a_close_call, last_logits
 from tokenizer_fixture import write_tokenizer
 
 pytestmark = pytest.mark.cuda
-DECISIVE = 0.5  # top-1 minus top-2 logit (fp32 reference) above which bf16 must pick the same token
 
 
 @pytest.fixture(scope="module", params=[80, 64], ids=["head_dim80", "head_dim64"])
@@ -64,41 +62,14 @@ def test_greedy_decoding_matches_cpu_fp32_where_decisive(ckpt, dtype):
     cpu.engine.run()
     got = gpu.engine.add(ids, [px.cuda()], params)
     gpu.engine.run()
-    # identical tokens until the first difference, and that one only where the fp32 reference was a close call
-    prompt = cpu.llava.embed_prompt(ids, px[None])
-    n_same = 0
-    for i, token in enumerate(ref.output_ids):
-        if got.output_ids[i] != token:
-            emb = torch.cat([prompt, cpu.llava.decoder.embed(torch.tensor(ref.output_ids[:i], dtype=torch.int64))])
-            top2 = _last_logits(cpu, emb).topk(2).values
-            assert (top2[0] - top2[1]).item() < DECISIVE, f"step {i}: {got.output_ids[i]} != {token}"
-            break
-        n_same += 1
-    assert n_same >= 8, f"only {n_same} identical tokens"
+    assert_tokens_agree_until_a_close_call(cpu, ids, px, ref.output_ids, got.output_ids)
 
 
 def test_prefill_logits_within_bf16_tolerance(ckpt):
     cpu = phi_fast.load(ckpt, progress=False)
     gpu = phi_fast.load(ckpt, "cuda", torch.bfloat16, progress=False)
     _, ids, px = _inputs(cpu, seed=2)
-    expected = _last_logits(cpu, cpu.llava.embed_prompt(ids, px[None]))
-    got = _last_logits(gpu, gpu.llava.embed_prompt(ids, px[None].cuda())).cpu()
+    expected = last_logits(cpu, cpu.llava.embed_prompt(ids, px[None]))
+    got = last_logits(gpu, gpu.llava.embed_prompt(ids, px[None].cuda())).cpu()
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, atol=3e-2 * expected.abs().max().item(), rtol=3e-2)
-
-
-def _last_logits(model: phi_fast.Model, embeds: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of the last position of `embeds` ([T, C]) through a fresh sequence in the model's pool."""
-    engine = model.engine
-    seq = SequencePages()
-    n = embeds.shape[0]
-    slots = seq.reserve(engine.pool, n)
-    try:
-        dev = model.device
-        batch = StepBatch(positions=torch.arange(n, device=dev), slot_mapping=torch.tensor(slots, device=dev),
-                          block_table=torch.tensor([seq.pages], dtype=torch.int32, device=dev),
-                          seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-                          cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev), no_prefix=True)
-        return model.llava.forward(embeds, batch, engine.pool)[0].float()
-    finally:
-        seq.free(engine.pool)
