@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import phi_fast
 from phi_fast.image import preprocess
@@ -13,8 +11,7 @@ from phi_fast.kv_cache import CacheFullError, PagePool, SequencePages
 from phi_fast.prompt import build_prompt, tokenize_prompt
 from phi_fast.sampling import SamplingParams
 
-from checkpoints import make_tiny_checkpoints
-from tokenizer_fixture import write_tokenizer
+from engine_fixtures import random_image, tiny_llava_phi
 
 QUESTIONS = ["What is this?", "Describe the picture in detail.", "Which colour dominates?",
              "Is there any text in the image?", "How many objects can you see here?"]
@@ -22,20 +19,12 @@ QUESTIONS = ["What is this?", "Describe the picture in detail.", "Which colour d
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    tiny = make_tiny_checkpoints(tmp_path_factory.mktemp("engine"), variants=("llava_phi",))
-    path = tiny.paths["llava_phi"]
-    write_tokenizer(path)
-    return path
-
-
-def _image(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (40 + seed, 60, 3), dtype=np.uint8), "RGB")
+    return tiny_llava_phi(tmp_path_factory.mktemp("engine"))
 
 
 def _request(model: phi_fast.Model, i: int, image_seed: int | None = None):
     ids = tokenize_prompt(model.tokenizer, build_prompt(QUESTIONS[i % len(QUESTIONS)], with_image=True))
-    px = preprocess(_image(i if image_seed is None else image_seed), image_size=model.config.vision.image_size)
+    px = preprocess(random_image(i if image_seed is None else image_seed), image_size=model.config.vision.image_size)
     return ids, [px]
 
 
@@ -75,7 +64,7 @@ def test_batch_with_requests_joining_midway_equals_each_alone(ckpt, alone):
 
 def test_list_api_keeps_order(ckpt, alone):
     model = phi_fast.load(ckpt, progress=False)
-    images = [_image(i) for i in range(5)]
+    images = [random_image(i) for i in range(5)]
     answers = model.generate(images, QUESTIONS, max_new_tokens=24)
     assert answers == [model.tokenizer.decode(ids).strip() for ids in alone]
 
@@ -146,7 +135,7 @@ def test_request_that_can_never_fit_fails_alone(ckpt, alone):
 
 def test_chat_equals_rerunning_the_conversation(ckpt):
     model = phi_fast.load(ckpt, progress=False)
-    image = _image(11)
+    image = random_image(11)
     chat = model.chat(image)
     answers = [chat.ask(q, max_new_tokens=12) for q in QUESTIONS[:3]]
     cached_after_chat = _used(model)

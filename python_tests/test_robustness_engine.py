@@ -15,7 +15,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import phi_fast
 from phi_fast.engine_loop import EngineLoopClosed
@@ -24,8 +23,7 @@ from phi_fast.kv_cache import CacheFullError, PagePool
 from phi_fast.prompt import build_prompt, tokenize_prompt
 from phi_fast.sampling import SamplingParams
 
-from checkpoints import make_tiny_checkpoints
-from tokenizer_fixture import write_tokenizer
+from engine_fixtures import random_image, tiny_llava_phi
 
 WAIT = 120  # seconds: generous bound for any single wait on this (shared, 2-core) machine
 QUESTIONS = ["What is this?", "Describe the picture in detail.", "Which colour dominates?",
@@ -34,15 +32,7 @@ QUESTIONS = ["What is this?", "Describe the picture in detail.", "Which colour d
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    tiny = make_tiny_checkpoints(tmp_path_factory.mktemp("robust_engine"), variants=("llava_phi",))
-    path = tiny.paths["llava_phi"]
-    write_tokenizer(path)
-    return path
-
-
-def _image(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (40 + seed, 60, 3), dtype=np.uint8), "RGB")
+    return tiny_llava_phi(tmp_path_factory.mktemp("robust_engine"))
 
 
 def _used(model: phi_fast.Model) -> int:
@@ -58,7 +48,7 @@ def _clear_and_count(model: phi_fast.Model) -> int:
 
 def _request(model: phi_fast.Model, i: int, **params):
     ids = tokenize_prompt(model.tokenizer, build_prompt(QUESTIONS[i % len(QUESTIONS)], with_image=True))
-    px = preprocess(_image(i), image_size=model.config.vision.image_size)
+    px = preprocess(random_image(i), image_size=model.config.vision.image_size)
     return model.engine.new_request(ids, [px], SamplingParams(**params))
 
 
@@ -66,7 +56,7 @@ def _request(model: phi_fast.Model, i: int, **params):
 def alone(ckpt) -> list[str]:
     """Each question answered on its own, greedy, 16 new tokens."""
     model = phi_fast.load(ckpt, progress=False)
-    answers = [model.generate(_image(i), QUESTIONS[i], max_new_tokens=16, timeout=WAIT) for i in range(4)]
+    answers = [model.generate(random_image(i), QUESTIONS[i], max_new_tokens=16, timeout=WAIT) for i in range(4)]
     model.close()
     return answers
 
@@ -99,13 +89,13 @@ def test_bad_parameters_raise_at_the_call_and_the_model_stays_healthy(ckpt, alon
     model = phi_fast.load(ckpt, progress=False, max_num_seqs=1)  # one stuck request would block every later one
     for kwargs, match in BAD_PARAMS:
         with pytest.raises(ValueError, match=match):
-            model.generate(_image(0), QUESTIONS[0], **{"max_new_tokens": 16, "timeout": WAIT, **kwargs})
+            model.generate(random_image(0), QUESTIONS[0], **{"max_new_tokens": 16, "timeout": WAIT, **kwargs})
     with pytest.raises(ValueError, match="prompt 1 must be a str, got int"):
-        model.generate([_image(0), _image(1)], [QUESTIONS[0], 5], timeout=WAIT)
+        model.generate([random_image(0), random_image(1)], [QUESTIONS[0], 5], timeout=WAIT)
     assert model.loop.call(lambda e: e.has_work, timeout=WAIT) is False  # nothing was queued
-    assert model.generate(_image(0), QUESTIONS[0], max_new_tokens=16, timeout=WAIT) == alone[0]
+    assert model.generate(random_image(0), QUESTIONS[0], max_new_tokens=16, timeout=WAIT) == alone[0]
     # numpy scalars are numbers too
-    assert model.generate(_image(1), QUESTIONS[1], max_new_tokens=np.int64(16), temperature=np.float32(0),
+    assert model.generate(random_image(1), QUESTIONS[1], max_new_tokens=np.int64(16), temperature=np.float32(0),
                           timeout=WAIT) == alone[1]
     model.close()
 
@@ -145,7 +135,7 @@ def test_poisoned_request_fails_alone_next_to_healthy_streams(ckpt, alone, max_n
     assert bad.finish_reason == "error" and not bad.seq.pages  # its pages are back
     assert [streamed[i] for i in (0, 2, 3)] == alone[:3]  # the others are unchanged
     assert [h.result(timeout=WAIT) for h in (handles[0], handles[2], handles[3])] == alone[:3]
-    assert model.generate(_image(3), QUESTIONS[3], max_new_tokens=16, timeout=WAIT) == alone[3]
+    assert model.generate(random_image(3), QUESTIONS[3], max_new_tokens=16, timeout=WAIT) == alone[3]
     assert _clear_and_count(model) == 0
     model.close()
 
@@ -166,7 +156,7 @@ def test_kernel_error_fails_the_steps_requests_and_the_engine_stays_usable(ckpt,
             h.result(timeout=WAIT)
         assert h.request.finish_reason == "error"
     assert _clear_and_count(model) == 0
-    assert model.generate([_image(i) for i in range(3)], QUESTIONS[:3], max_new_tokens=16, timeout=WAIT) == alone[:3]
+    assert model.generate([random_image(i) for i in range(3)], QUESTIONS[:3], max_new_tokens=16, timeout=WAIT) == alone[:3]
     model.close()
 
 
@@ -206,7 +196,7 @@ def _count_forwards(model: phi_fast.Model, hold_at: int | None = None):
 def test_stream_never_iterated_is_never_queued(ckpt):
     model = phi_fast.load(ckpt, progress=False)
     calls, _, _ = _count_forwards(model)
-    stream = model.generate(_image(0), QUESTIONS[0], max_new_tokens=16, stream=True)
+    stream = model.generate(random_image(0), QUESTIONS[0], max_new_tokens=16, stream=True)
     del stream
     gc.collect()
     assert model.loop.call(lambda e: (e.has_work, e.pool.num_free == e.pool.num_pages), timeout=WAIT) == (False, True)
@@ -224,7 +214,7 @@ def test_stream_dropped_midway_is_aborted_and_frees_its_pages(ckpt, how):
 
     model = phi_fast.load(ckpt, progress=False, prefix_cache=0)
     calls, reached, release = _count_forwards(model, hold_at=8)
-    stream = model.generate(_image(1), QUESTIONS[1], max_new_tokens=100, stream=True)
+    stream = model.generate(random_image(1), QUESTIONS[1], max_new_tokens=100, stream=True)
     try:
         assert next(stream)  # the request is queued at the first next() and produces text
         assert reached.wait(WAIT)  # the engine is now inside step 8, held
@@ -247,7 +237,7 @@ def test_threads_sharing_a_model_each_get_their_single_threaded_answer(ckpt):
     model = phi_fast.load(ckpt, progress=False, max_num_seqs=8)
     jobs = [(i % 4, dict(max_new_tokens=12) if i % 2 == 0 else dict(max_new_tokens=12, temperature=0.8, top_p=0.9,
                                                                       top_k=40, seed=i)) for i in range(24)]
-    expected = [model.generate(_image(q), QUESTIONS[q], timeout=WAIT, **kw) for q, kw in jobs]
+    expected = [model.generate(random_image(q), QUESTIONS[q], timeout=WAIT, **kw) for q, kw in jobs]
     results: dict[int, str] = {}
     errors: list[BaseException] = []
 
@@ -256,9 +246,9 @@ def test_threads_sharing_a_model_each_get_their_single_threaded_answer(ckpt):
             for j in range(t, len(jobs), 8):  # 3 calls per thread, some streamed
                 q, kw = jobs[j]
                 if j % 3 == 0:
-                    results[j] = "".join(model.generate(_image(q), QUESTIONS[q], stream=True, timeout=WAIT, **kw))
+                    results[j] = "".join(model.generate(random_image(q), QUESTIONS[q], stream=True, timeout=WAIT, **kw))
                 else:
-                    results[j] = model.generate(_image(q), QUESTIONS[q], timeout=WAIT, **kw)
+                    results[j] = model.generate(random_image(q), QUESTIONS[q], timeout=WAIT, **kw)
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
@@ -287,7 +277,7 @@ def test_batch_with_an_unfittable_request_returns_the_others(ckpt, alone):
     while len(tokenize_prompt(model.tokenizer, build_prompt(huge, with_image=False))) <= 9 * 16:
         huge += "word "
     with pytest.raises(phi_fast.BatchError) as info:
-        model.generate([_image(0), None, _image(1)], [QUESTIONS[0], huge, QUESTIONS[1]], max_new_tokens=16,
+        model.generate([random_image(0), None, random_image(1)], [QUESTIONS[0], huge, QUESTIONS[1]], max_new_tokens=16,
                        timeout=WAIT)
     err = info.value
     assert err.answers == [alone[0], None, alone[1]]
@@ -305,14 +295,14 @@ def test_timeout_aborts_the_request_and_frees_its_pages(ckpt, alone):
     calls, reached, release = _count_forwards(model, hold_at=2)  # the engine is held until the caller gave up
     try:
         with pytest.raises(TimeoutError, match="no result within"):
-            model.generate(_image(0), QUESTIONS[0], max_new_tokens=16, timeout=0.5)
+            model.generate(random_image(0), QUESTIONS[0], max_new_tokens=16, timeout=0.5)
         assert reached.is_set()
     finally:
         release.set()
     assert model.loop.call(lambda e: (e.has_work, e.pool.num_free == e.pool.num_pages), timeout=WAIT) == (False, True)
     assert len(calls) == 2
     del model.llava.forward  # the class method again
-    assert model.generate(_image(0), QUESTIONS[0], max_new_tokens=16, timeout=WAIT) == alone[0]
+    assert model.generate(random_image(0), QUESTIONS[0], max_new_tokens=16, timeout=WAIT) == alone[0]
     model.close()
 
 
