@@ -83,7 +83,7 @@ class Model:
              dtype: str | torch.dtype | None = None, *, progress: bool = True,
              cache_memory: int | float | None = None, page_size: int = 16, max_num_seqs: int = 64,
              cuda_graphs: bool | None = None, prefix_cache: int = 16, quantize: str | None = None,
-             group_size: int = DEFAULT_GROUP_SIZE) -> "Model":
+             group_size: int = DEFAULT_GROUP_SIZE, token_budget: int | None = None) -> "Model":
         """Load a checkpoint folder (config.json, safetensors, tokenizer) in any supported layout.
 
         device: "cpu" or "cuda[:N]". dtype: float32/bfloat16/float16 (default float32 on CPU, bfloat16 on CUDA).
@@ -93,6 +93,8 @@ class Model:
         cuda_graphs: replay decode steps as CUDA graphs (default: on CUDA devices).
         prefix_cache: finished requests whose KV pages stay cached for later prompts with the same prefix (the
         same image); their pages are the first to go when the cache runs short. 0 turns it off.
+        token_budget: tokens one engine step computes at most (default 512 on CPU, 4096 on CUDA): the running
+        streams' next tokens first, then chunks of new prompts, so a long prompt never stalls them for long.
         Everything that would fail at the first generate() (unsupported sizes, a tokenizer larger than the
         model's vocabulary, bad engine settings) raises ValueError here, before the weights are read.
         quantize: "int8" or "int4" packs the Phi-2 linears and the projector at load time, tensor by tensor
@@ -102,7 +104,7 @@ class Model:
         path = Path(path)
         device = _check_device(device)
         dtype = _check_dtype(dtype, device)
-        _check_settings(cache_memory, page_size, max_num_seqs, cuda_graphs, prefix_cache)
+        _check_settings(cache_memory, page_size, max_num_seqs, cuda_graphs, prefix_cache, token_budget)
         config = load_config(path)
         tokenizer = Tokenizer.from_dir(path)
         _check_supported(config, tokenizer, path)
@@ -133,7 +135,7 @@ class Model:
                               f"({type(e).__name__}: {e})") from e
         log.info("KV cache: %d pages of %d tokens (%.1f MiB)", num_pages, page_size, num_pages * page_bytes / 2**20)
         engine = Engine(llava, tokenizer, pool, max_num_seqs=max_num_seqs, use_cuda_graphs=cuda_graphs,
-                        prefix_cache=prefix_cache)
+                        prefix_cache=prefix_cache, token_budget=token_budget)
         model = cls(config, llava, tokenizer, engine, path)
         model.quant = quant
         return model
@@ -307,7 +309,7 @@ def _check_timeout(timeout: float | None) -> float | None:
 
 
 def _check_settings(cache_memory: object, page_size: object, max_num_seqs: object, cuda_graphs: object,
-                    prefix_cache: object) -> None:
+                    prefix_cache: object, token_budget: object = None) -> None:
     """Engine settings of Model.load, checked before anything is read."""
     def is_int(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
@@ -323,6 +325,9 @@ def _check_settings(cache_memory: object, page_size: object, max_num_seqs: objec
         raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
     if not is_int(prefix_cache) or prefix_cache < 0:
         raise ValueError(f"prefix_cache must be an int >= 0 (0 = off), got {prefix_cache!r}")
+    if token_budget is not None and (not is_int(token_budget) or token_budget < 1):
+        raise ValueError(f"token_budget must be an int >= 1 (tokens per step) or None (the device's default), "
+                         f"got {token_budget!r}")
     if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
         raise ValueError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
 

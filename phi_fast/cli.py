@@ -125,6 +125,9 @@ def add_load_options(parser: argparse.ArgumentParser, *, model: bool = True) -> 
                        help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
     group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                        help="pack the language model's linear weights at load time (CPU only for now)")
+    group.add_argument("--token-budget", type=_int_at_least(1), default=None, metavar="N",
+                       help="tokens one engine step computes at most: running answers first, then chunks of new "
+                            "prompts (default: 512 on cpu, 4096 on cuda)")
 
 
 def load_model(args: argparse.Namespace, folder: Path | None = None) -> "Model":
@@ -138,7 +141,8 @@ def load_model(args: argparse.Namespace, folder: Path | None = None) -> "Model":
         raise ValueError(f"--model {folder}: is a file, not a checkpoint folder{hint}")
     if not folder.exists():
         raise ValueError(f"--model {folder}: no such folder")
-    return load(folder, args.device, args.dtype, progress=sys.stderr.isatty(), quantize=args.quantize)
+    return load(folder, args.device, args.dtype, progress=sys.stderr.isatty(), quantize=args.quantize,
+                token_budget=args.token_budget)
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:

@@ -33,9 +33,10 @@ import torch
 
 from .cuda_graphs import DecodeGraphRunner, PendingTokens
 from .gpu_sampling import sample_tokens, sampler_kind
-from .kv_cache import CacheFullError, PagePool, SequencePages
+from .kv_cache import PagePool, SequencePages
 from .model import LlavaPhi, StepBatch
 from .prompt import IMAGE_TOKEN_INDEX
+from .scheduler import DEFAULT_TOKEN_BUDGET, Chunk, Scheduler, StepPlan
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder
 
@@ -98,26 +99,36 @@ class Engine:
     """Continuous batching over one model, one tokenizer and one page pool."""
 
     def __init__(self, model: LlavaPhi, tokenizer, pool: PagePool, *, max_num_seqs: int = 64,
-                 max_prefill_tokens: int = 8192, use_cuda_graphs: bool | None = None, prefix_cache: int = 16):
+                 token_budget: int | None = None, use_cuda_graphs: bool | None = None, prefix_cache: int = 16):
+        """token_budget: tokens one step computes at most (default DEFAULT_TOKEN_BUDGET of the device)."""
         self.model = model
         self.tokenizer = tokenizer
         self.pool = pool
         self.max_num_seqs = max_num_seqs
-        self.max_prefill_tokens = max_prefill_tokens
         self.context = model.cfg.text.max_position_embeddings
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
-        self.retained: list[Request] = []  # finished chat turns whose pages stay cached
-        self.cached: list[Request] = []  # finished requests kept as a prefix cache, oldest first
-        self.prefix_cache = prefix_cache
+        if token_budget is None:
+            token_budget = DEFAULT_TOKEN_BUDGET.get(model.device.type, DEFAULT_TOKEN_BUDGET["cpu"])
+        self.scheduler = Scheduler(pool, max_num_seqs=max_num_seqs, token_budget=token_budget,
+                                   context=self.context, prefix_cache=prefix_cache)
+        self.steps = {"decode": 0, "prefill": 0, "mixed": 0}  # steps taken, by StepPlan.kind
+        self.last_plan: StepPlan | None = None
         self._ids = itertools.count()
         self.graphs = DecodeGraphRunner(model, pool, max_num_seqs=max_num_seqs, use_graphs=use_cuda_graphs)
         self._inflight: tuple[list[Request], PendingTokens] | None = None  # the last decode launch, not yet read
         self._inflight_rows: dict[int, int] = {}  # request id -> its row in that launch
         self._in_step: list[Request] = []  # requests the current step touches: failed if it raises
 
-    # --- requests -----------------------------------------------------------------------------------------
+    # the scheduler's queues and counters, as the engine's
+    waiting = property(lambda self: self.scheduler.waiting)
+    running = property(lambda self: self.scheduler.running)
+    retained = property(lambda self: self.scheduler.retained)
+    cached = property(lambda self: self.scheduler.cached)
+    prefix_hits = property(lambda self: self.scheduler.prefix_hits)
+    prefix_hit_tokens = property(lambda self: self.scheduler.prefix_hit_tokens)
+    preemptions = property(lambda self: self.scheduler.preemptions)
+    token_budget = property(lambda self: self.scheduler.token_budget)
 
+    # --- requests -----------------------------------------------------------------------------------------
     def new_request(self, prompt_ids: list[int], pixels: list[torch.Tensor], params: SamplingParams,
                     keep_cache: bool = False) -> Request:
         """Check and build a request (token ids with IMAGE_TOKEN_INDEX markers, one preprocessed image [3, S, S]
@@ -169,16 +180,12 @@ class Engine:
 
     def release(self, req: Request) -> None:
         """Forget a retained request's cached pages."""
-        if req in self.retained:
-            self.retained.remove(req)
-            req.seq.free(self.pool)
+        self.scheduler.release(req)
 
     def abort(self, req: Request) -> None:
         """Stop an unfinished request and free its pages (no-op once finished)."""
         if req.finished:
             return
-        if req in self.waiting:
-            self.waiting.remove(req)
         req.keep_cache = False
         self._finish(req, "aborted")
 
@@ -191,10 +198,11 @@ class Engine:
         while self.has_work:
             self.step()
 
-    # --- scheduling ---------------------------------------------------------------------------------------
+    # --- steps --------------------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """One forward pass: prefill what can be admitted, else decode every running request.
+        """One forward pass of what the scheduler plans: decode rows only (pipelined, graphs), else decode rows
+        and prompt chunks together (eager).
 
         Never raises for a request's sake. A failure that belongs to one request (its images, its tokens) fails
         that request alone; any other exception (a kernel error) fails the requests of this step, which leave
@@ -202,12 +210,19 @@ class Engine:
         """
         self._in_step = []
         try:
-            admitted = self._admit()
-            if admitted:
+            plan = self.scheduler.schedule(self._inflight_rows.keys())
+            if plan.drain_first:
                 self._drain()
-                self._prefill(admitted)
-            elif self.running:
-                self._decode()
+                plan = self.scheduler.schedule()
+            self.last_plan = plan
+            for req, error in plan.failed:
+                self._fail(req, error)
+            if plan.kind != "idle":
+                self.steps[plan.kind] += 1
+            if plan.chunks:
+                self._forward_eager(plan.rows)
+            elif plan.decodes:
+                self._decode(plan.decodes)
             else:
                 self._drain()
         except Exception as error:  # noqa: BLE001 - the engine survives every exception
@@ -220,8 +235,6 @@ class Engine:
         """Finish an unfinished request with finish_reason "error" (pages freed); no-op once finished."""
         if req.finished:
             return
-        if req in self.waiting:
-            self.waiting.remove(req)
         req.keep_cache = False
         self._fail(req, error)
 
@@ -234,120 +247,47 @@ class Engine:
         for req in victims:
             self.fail(req, error)
 
-    def _admit(self) -> list[tuple[Request, int, list[int]]]:
-        """Requests to prefill now, each with its first uncached position and the slots reserved for the rest."""
-        admitted: list[tuple[Request, int, list[int]]] = []
-        budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
-            req = self.waiting[0]
-            self._in_step.append(req)
-            n = req.num_tokens
-            if admitted and n > budget:
-                self._in_step.pop()
-                break
-            if any(_common_prefix(req.all_keys(), a.all_keys()) >= self.pool.page_size for a, _, _ in admitted):
-                self._in_step.pop()
-                break  # it will share the pages that one is about to fill: admit it next step
-            self._share_prefix(req)
-            need = req.seq.pages_needed(self.pool, n - req.seq.length)
-            if need > self.pool.num_free:
-                req.seq.free(self.pool)
-                if not self.running and not admitted and not (self.cached or self.retained):
-                    self.waiting.pop(0)
-                    self._fail(req, CacheFullError(
-                        f"request {req.id} needs {need} KV pages of {self.pool.page_size} tokens for its "
-                        f"{n}-token prompt, more than the whole cache ({self.pool.num_pages} pages) can give"))
-                    continue
-                if not self.running and not admitted:
-                    self._evict()
-                    continue
-                self._in_step.pop()
-                break
-            self.waiting.pop(0)
-            start = req.seq.length
-            admitted.append((req, start, req.seq.reserve(self.pool, n - start)))
-            budget -= n
-        return admitted
-
-    def _share_prefix(self, req: Request) -> None:
-        """Start req's cache with the longest prefix some cached sequence already holds (whole pages kept)."""
-        keys = req.all_keys()
-        best, best_len = None, 0
-        for other in self.running + self.retained + self.cached:
-            # the last token is always computed: its logits are needed
-            n = min(_common_prefix(keys, other.all_keys()[: other.seq.length]), len(keys) - 1)
-            if n > best_len:
-                best, best_len = other, n
-        if best is not None and best_len >= self.pool.page_size:
-            req.seq.share_from(self.pool, best.seq, best_len)
-
-    def _evict(self) -> None:
-        """Free the prefix cache, else the retained chat turns."""
-        victims = self.cached or self.retained
-        for r in victims:
-            r.seq.free(self.pool)
-        victims.clear()
-
     def clear_prefix_cache(self) -> None:
         """Return the pages of every cached finished request to the pool (chat turns stay)."""
-        for r in self.cached:
-            r.seq.free(self.pool)
-        self.cached.clear()
+        self.scheduler.clear_prefix_cache()
 
-    def _prefill(self, admitted: list[tuple[Request, int, list[int]]]) -> None:
-        embeds = []
-        for req, start, _ in list(admitted):
+    def _forward_eager(self, rows: list[Chunk]) -> None:
+        """Decode rows and prompt chunks in one model.forward (no launch in flight: the plan drained it); only
+        the rows that end a prompt (or decode) get logits and a token."""
+        self._in_step += [c.req for c in rows]
+        embeds, kept = [], []
+        for c in rows:
             try:  # a request's own images and tokens: its failure is its own
-                embeds.append(self._embeds(req, start))
+                embeds.append(self._embeds(c.req, c.start, c.end))
+                kept.append(c)
             except Exception as error:  # noqa: BLE001
-                admitted.remove((req, start, _))
-                self._fail(req, error)
-        if not admitted:
+                self._fail(c.req, error)
+        if not kept:
             return
-        reqs = [req for req, _, _ in admitted]
-        positions = [p for req, start, _ in admitted for p in range(start, req.num_tokens)]
-        slots = [s for _, _, req_slots in admitted for s in req_slots]
-        batch = self._batch(reqs, positions, slots, [req.num_tokens - start for req, start, _ in admitted],
-                            no_prefix=all(start == 0 for _, start, _ in admitted))
-        logits = self.model.forward(torch.cat(embeds), batch, self.pool)
-        self.running += reqs
-        self._append_tokens(reqs, self._sample(reqs, logits))
+        positions = [p for c in kept for p in range(c.start, c.end)]
+        batch = self._batch([c.req for c in kept], positions, [s for c in kept for s in c.slots],
+                            [c.num_tokens for c in kept], no_prefix=all(c.start == 0 for c in kept))
+        sampled = [i for i, c in enumerate(kept) if c.sample]
+        rows_out = batch.last_token_index[torch.tensor(sampled, dtype=torch.int64, device=self.model.device)]
+        logits = self.model.forward(torch.cat(embeds), batch, self.pool, rows=rows_out)
+        reqs = [kept[i].req for i in sampled]
+        if reqs:
+            self._append_tokens(reqs, self._sample(reqs, logits))
 
-    def _decode(self) -> None:
-        """Launch one decode step for every running request that needs a token, then read the previous one."""
-        slots: dict[int, int] = {}
-        wanting = [r for r in self.running if self._wants_token(r)]
-        self._in_step += wanting
-        for req in wanting:
-            while req in self.running:
-                try:
-                    slots[req.id] = req.seq.reserve(self.pool, 1)[0]
-                    break
-                except CacheFullError:
-                    if self._inflight is not None:
-                        self._drain()  # finished requests free pages; nobody is preempted with a token in flight
-                    elif not self._preempt(exclude=req):
-                        self._fail(req, CacheFullError(
-                            f"request {req.id} at {req.seq.length} tokens needs another KV page and the cache "
-                            f"({self.pool.num_pages} pages of {self.pool.page_size}) has none left"))
-        reqs = [r for r in self.running if r.id in slots]  # draining or preemption may have removed some
-        if not reqs:
-            self._drain()
-            return
-        step = self.graphs.new_step(len(reqs))
-        for i, r in enumerate(reqs):
+    def _decode(self, rows: list[Chunk]) -> None:
+        """Launch one decode step of the planned rows, then read the previous launch's tokens."""
+        reqs = [c.req for c in rows]
+        self._in_step += reqs
+        step = self.graphs.new_step(len(rows))
+        for i, c in enumerate(rows):
+            r = c.req
             p, row = r.params, self._inflight_rows.get(r.id)
             source = {"prev_row": row} if row is not None else {"token": r.output_ids[-1]}
-            step.set_row(i, position=r.seq.length - 1, slot=slots[r.id], pages=r.seq.pages,
+            step.set_row(i, position=c.start, slot=c.slots[0], pages=r.seq.pages,
                          temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=r.seed, **source)
         pending = self.graphs.launch(step)
         self._drain()  # the previous launch's tokens, while this one runs
         self._inflight, self._inflight_rows = (reqs, pending), {r.id: i for i, r in enumerate(reqs)}
-
-    def _wants_token(self, req: Request) -> bool:
-        """Whether req needs a token beyond those already generated or in flight."""
-        launched = len(req.output_ids) + (req.id in self._inflight_rows)
-        return launched < req.params.max_new_tokens and len(req.keys) + launched < self.context
 
     def _drain(self) -> None:
         """Read the tokens of the decode launch in flight, if any (waits for it) and append them."""
@@ -371,40 +311,25 @@ class Engine:
                                sampler_kind(temperature, top_k, top_p))
         return tokens.tolist()
 
-    def _preempt(self, exclude: Request) -> bool:
-        """Free cached pages, else the newest running request other than `exclude`; False if neither."""
-        if self.cached or self.retained:
-            self._evict()
-            return True
-        victims = [r for r in self.running if r is not exclude]
-        if not victims:
-            return False
-        victim = max(victims, key=lambda r: r.id)
-        log.info("KV cache full: preempting request %d (%d tokens), it will be recomputed", victim.id,
-                 victim.num_tokens)
-        victim.seq.free(self.pool)
-        self.running.remove(victim)
-        self.waiting.insert(0, victim)
-        return True
-
     # --- step inputs and outputs --------------------------------------------------------------------------
 
-    def _embeds(self, req: Request, start: int) -> torch.Tensor:
-        """Embeddings of req's tokens from position start on: prompt rows, then generated tokens. [n, C]
+    def _embeds(self, req: Request, start: int, end: int) -> torch.Tensor:
+        """Embeddings of req's positions [start, end): prompt rows, then generated tokens. [end - start, C]
 
-        The images go through CLIP only when one of their rows lies at or after start (not in a shared prefix);
-        the result is kept for a recompute after preemption.
+        The images go through CLIP only when one of their rows lies in [start, end) (not in a shared prefix or
+        an earlier chunk); the result is kept for the later chunks and a recompute after preemption.
         """
         n_prompt, dev = len(req.keys), self.model.device
         parts = []
         if start < n_prompt:
-            if req.embeds is None and any(isinstance(k, tuple) for k in req.keys[start:]):
+            stop = min(end, n_prompt)
+            if req.embeds is None and any(isinstance(k, tuple) for k in req.keys[start:stop]):
                 req.embeds = self.model.embed_prompt(req.prompt_ids, req.pixels)
             if req.embeds is not None:
-                parts.append(req.embeds[start:])
-            else:  # only text after the cached prefix
-                parts.append(self.model.decoder.embed(torch.tensor(req.keys[start:], device=dev)))
-        gen = req.output_ids[max(start - n_prompt, 0):]
+                parts.append(req.embeds[start:stop])
+            else:  # only text in this range
+                parts.append(self.model.decoder.embed(torch.tensor(req.keys[start:stop], device=dev)))
+        gen = req.output_ids[max(start - n_prompt, 0):max(end - n_prompt, 0)]
         if gen:
             parts.append(self.model.decoder.embed(torch.tensor(gen, device=dev)))
         return torch.cat(parts)
@@ -466,29 +391,10 @@ class Engine:
                 reason = "stop"
         req.finish_reason = reason
         req.embeds = req.pixels = None  # a finished request is only ever a cached prefix: keys and pages
-        if req in self.running:
-            self.running.remove(req)
-        if reason in ("error", "aborted") or not (req.keep_cache or self.prefix_cache):
-            req.seq.free(self.pool)
-            return
-        req.seq.length = min(req.seq.length, req.num_tokens)  # a token in flight after EOS is not kept
-        if req.keep_cache:
-            self.retained.append(req)
-            return
-        self.cached.append(req)
-        while len(self.cached) > self.prefix_cache:
-            self.cached.pop(0).seq.free(self.pool)
+        self.scheduler.finish(req, keep=reason not in ("error", "aborted"))
 
     def _fail(self, req: Request, error: Exception) -> None:
         log.error("request %d failed: %s", req.id, error)
         req.error = error
         self._finish(req, "error")
 
-
-def _common_prefix(a: list[Hashable], b: list[Hashable]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -122,6 +122,12 @@ class SequencePages:
         self.pages = list(pages)
         self.length = n_tokens
 
+    def truncate(self, pool: PagePool, n_pages: int) -> None:
+        """Keep the first n_pages pages and the tokens they hold; the later pages go back to the pool."""
+        pool.release(self.pages[n_pages:])
+        self.pages = self.pages[:n_pages]
+        self.length = min(self.length, n_pages * pool.page_size)
+
     def free(self, pool: PagePool) -> None:
         pool.release(self.pages)
         self.pages = []

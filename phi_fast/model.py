@@ -195,10 +195,16 @@ class LlavaPhi:
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, batch: StepBatch, cache: PagePool,
-                all_logits: bool = False) -> torch.Tensor:
-        """embeds: [T, C] -> fp32 logits [S, V] of each sequence's last new token ([T, V] with all_logits)."""
+                all_logits: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds: [T, C] -> fp32 logits [S, V] of each sequence's last new token ([T, V] with all_logits;
+        [R, V] of the new tokens `rows` ([R] int64) when given: lm_head runs on those rows only)."""
         h = self.decoder(embeds, batch, cache)
-        return self.decoder.logits(h if all_logits else h[batch.last_token_index])
+        if all_logits:
+            return self.decoder.logits(h)
+        h = h[batch.last_token_index if rows is None else rows]
+        if h.shape[0] == 0:  # no row sampled this step (prompt chunks that are not a prompt's last)
+            return torch.empty(0, self.cfg.text.vocab_size, dtype=torch.float32, device=h.device)
+        return self.decoder.logits(h)
 
 
 def _prefixed(w: Weights, prefix: str) -> Weights:
