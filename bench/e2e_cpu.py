@@ -20,7 +20,15 @@ Measured in the same run, the stacks' repetitions interleaved, medians (--reps a
   against transformers' generate on the 8 left-padded together; throughput = generated tokens / wall time,
   image encodes and prefills included.
 The weights-read floor of batch-1 decode is (bytes read per token: every decoder weight, lm_head and the KV
-cache at the mean context) / the measured copy bandwidth.
+cache at the mean context) / the measured copy bandwidth. The batch-1 TTFT is warm: the repetitions ask the same
+question about the same image, so all but the last prompt token comes from the prefix cache.
+- time to first token, cold and warm (--reps, prefix cache cleared before each): a first request (nothing
+  cached), then a second one with another image and question (it shares only the system prompt), then the first
+  again (warm: its whole prompt is cached);
+- chunked prefill (--itl-reps, budget on and off interleaved): 4 streams decode; 4 new image prompts arrive at
+  once; the inter-token latency of the 4 running streams (p50, p99, max = the stall) from the arrival until every
+  newcomer has its first token, and the newcomers' TTFT. On = the default token budget (512); off = a budget
+  that holds every prompt whole (the newcomers prefill in one step next to the decodes, as before chunking).
 
 OMP_WAIT_POLICY defaults to "passive" here (set before torch loads OpenMP): the C++ kernels' OpenMP team and
 torch's contend when threads spin (bench/NOTES.md). The value in effect is recorded in the results.
@@ -150,6 +158,106 @@ def ours_single(model: phi_fast.Model, ids: list[int], px: torch.Tensor, n: int)
     return {"encode": t1 - t0, "ttft": t2 - t0, "decode": t3 - t2, "tokens": list(req.output_ids)}
 
 
+def first_token_s(model: phi_fast.Model, ids: list[int], px: torch.Tensor, n: int = 2) -> float:
+    """Seconds from add to the first token of one request (px: [3, S, S]), then run it to the end."""
+    t0 = time.perf_counter()
+    req = model.engine.add(ids, [px], SamplingParams(max_new_tokens=n, ignore_eos=True))
+    while not req.output_ids and not req.finished:
+        model.engine.step()
+    t1 = time.perf_counter()
+    model.engine.run()
+    if req.error is not None:
+        raise req.error
+    return t1 - t0
+
+
+def ttft_cold_warm(model: phi_fast.Model, reqs: list[tuple[list[int], torch.Tensor]], reps: int) -> dict[str, object]:
+    """TTFT of a cold first request, of a second one sharing only the system prompt (another image, another
+    question), and of the first again (warm); medians over reps, the prefix cache cleared before each."""
+    runs: dict[str, list[float]] = {"first_cold": [], "second_system_prompt_only": [], "first_again_warm": []}
+    first, second = reqs[0], reqs[1]
+    for _ in range(reps + 1):  # the first round warms up
+        model.engine.clear_prefix_cache()
+        times = [first_token_s(model, *first), first_token_s(model, *second), first_token_s(model, *first)]
+        for key, t in zip(runs, times):
+            runs[key].append(t)
+    runs = {k: v[1:] for k, v in runs.items()}
+    med = {k: round(statistics.median(v) * 1e3, 1) for k, v in runs.items()}
+    shared = first[0].index(IMAGE_TOKEN_INDEX)  # the system prompt and "USER:", before the image
+    return {"name": "time to first token: cold, system prompt shared, warm",
+            "shape": f"{len(first[0]) + model.llava.image_tokens - 1}-token prompt (1 image)", "dtype": "fp32",
+            "ttft_ms": med["first_cold"], "ttft_second_ms": med["second_system_prompt_only"],
+            "ttft_warm_ms": med["first_again_warm"], "system_prompt_tokens": shared,
+            "raw_s": {k: [round(t, 3) for t in v] for k, v in runs.items()}}
+
+
+def arrivals_run(model: phi_fast.Model, reqs: list[tuple[list[int], torch.Tensor]], budget: int,
+                 n: int) -> dict[str, list[float]]:
+    """4 streams decode, 4 image prompts arrive at once (token budget `budget`): the streams' inter-token gaps
+    (s) from the arrival until every newcomer has its first token, the newcomers' TTFTs (s), the step kinds."""
+    engine = model.engine
+    engine.clear_prefix_cache()
+    engine.scheduler.token_budget = budget
+    running = [engine.add(ids, [px], SamplingParams(max_new_tokens=n, ignore_eos=True)) for ids, px in reqs[:4]]
+    while any(len(r.output_ids) < 4 for r in running):
+        engine.step()
+    engine.clear_prefix_cache()  # the newcomers share the system prompt with the running streams, not more
+    t0 = time.perf_counter()
+    last = {r.id: t0 for r in running}
+    counts = {r.id: len(r.output_ids) for r in running}
+    new = [engine.add(ids, [px], SamplingParams(max_new_tokens=4, ignore_eos=True)) for ids, px in reqs[4:8]]
+    gaps, ttft, kinds = [], {}, []
+    while len(ttft) < len(new):
+        engine.step()
+        now = time.perf_counter()
+        kinds.append(engine.last_plan.kind)
+        for r in running:
+            if len(r.output_ids) > counts[r.id]:
+                gaps.append(now - last[r.id])
+                last[r.id], counts[r.id] = now, len(r.output_ids)
+        for r in new:
+            if r.output_ids and r.id not in ttft:
+                ttft[r.id] = now - t0
+        if any(r.finished for r in running):
+            raise RuntimeError(f"a running stream finished during the arrivals: raise n ({n})")
+    engine.run()
+    for r in running + new:
+        if r.error is not None:
+            raise r.error
+    return {"gaps": gaps, "ttft": list(ttft.values()), "kinds": kinds}
+
+
+def chunked_prefill(model: phi_fast.Model, reqs: list[tuple[list[int], torch.Tensor]], reps: int,
+                    n: int) -> list[dict[str, object]]:
+    """Budget on (the engine's default) and off (every prompt whole), interleaved: ITL of the running streams
+    while 4 prompts arrive, and the newcomers' TTFT."""
+    on = model.engine.token_budget
+    off = 8 * model.config.text.max_position_embeddings
+    runs: dict[str, list[dict[str, list[float]]]] = {"on": [], "off": []}
+    for rep in range(reps + 1):  # the first round warms up
+        for key, budget in (("off", off), ("on", on)):
+            result = arrivals_run(model, reqs, budget, n)
+            if rep:
+                runs[key].append(result)
+    model.engine.scheduler.token_budget = on
+    out = []
+    for key, budget in (("on", on), ("off", off)):
+        gaps = [g for r in runs[key] for g in r["gaps"]]
+        ttfts = [t for r in runs[key] for t in r["ttft"]]
+        stall = max(gaps)
+        out.append({"name": f"4 streams while 4 image prompts arrive, token budget {key}",
+                    "shape": f"budget {budget}, {len(reqs[4][0]) + model.llava.image_tokens - 1}-token prompts",
+                    "dtype": "fp32", "itl_p50_ms": round(float(np.percentile(gaps, 50)) * 1e3, 1),
+                    "itl_p99_ms": round(float(np.percentile(gaps, 99)) * 1e3, 1),
+                    "itl_max_ms": round(stall * 1e3, 1),
+                    "newcomer_ttft_median_ms": round(statistics.median(ttfts) * 1e3, 1),
+                    "newcomer_ttft_max_ms": round(max(ttfts) * 1e3, 1),
+                    "stall_over_ttft": round(stall / statistics.median(ttfts), 2),
+                    "steps": {k: sum(r["kinds"].count(k) for r in runs[key]) for k in ("decode", "prefill", "mixed")},
+                    "raw_s": {"gaps": [round(g, 4) for g in gaps], "ttft": [round(t, 3) for t in ttfts]}})
+    return out
+
+
 def ours_batch(model: phi_fast.Model, reqs: list[tuple[list[int], torch.Tensor]], n: int) -> int:
     """All (ids, px [3, S, S]) requests submitted together, run to the end; returns the generated token count."""
     params = SamplingParams(max_new_tokens=n, ignore_eos=True)
@@ -241,7 +349,8 @@ def batch1(model: phi_fast.Model, llava: LlavaForConditionalGeneration, req: tup
     tok_s, hf_tok_s = (n - 1) / decode, (n - 1) / hf_decode
     nbytes = decode_bytes(llava, len(full) + n // 2)
     floor = ceilings["copy_gbps"] * 1e9 / nbytes
-    return {"name": "decode batch 1", "shape": f"{len(full)}-token prompt (1 image) + {n} new", "dtype": "fp32",
+    return {"name": "decode batch 1 (TTFT warm)", "shape": f"{len(full)}-token prompt (1 image) + {n} new",
+            "dtype": "fp32",
             "tok_s": round(tok_s, 2), "ttft_ms": round(ttft * 1e3, 1), "encode_ms": round(encode * 1e3, 1),
             "floor_tok_s": round(floor, 2), "floor_read_tok_s": round(ceilings["read_gbps"] * 1e9 / nbytes, 2),
             "bytes_per_token_mb": round(nbytes / 1e6, 1), "gbps": round(nbytes * tok_s / 1e9, 2),
@@ -341,7 +450,7 @@ def markdown(report: dict[str, object]) -> str:
              "",
              "| name | shape | tok/s | TTFT ms | floor tok/s | baseline | baseline tok/s | baseline TTFT ms | speedup |",
              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
-    for r in report["results"]:
+    for r in report["results"][:3]:
         lines.append(f"| {r['name']} | {r['shape']} | {r['tok_s']} | {r.get('ttft_ms', '')} | "
                      f"{r.get('floor_tok_s', '')} | {r['baseline']} | {r['baseline_tok_s']} | "
                      f"{r.get('baseline_ttft_ms', '')} | {r['speedup']}x |")
@@ -349,7 +458,22 @@ def markdown(report: dict[str, object]) -> str:
     lines += ["", f"Batch 1: image encode {b1['encode_ms']} ms of the TTFT; decode reads {b1['bytes_per_token_mb']} MB "
               f"per token, {b1['gbps']} GB/s achieved = {b1['pct_floor']}% of the copy-bandwidth floor "
               f"(read-only floor {b1['floor_read_tok_s']} tok/s); TTFT {b1['ttft_speedup']}x transformers'; greedy "
-              f"tokens equal to transformers' for the first {b1['greedy_match']}."]
+              f"tokens equal to transformers' for the first {b1['greedy_match']}. Its TTFT is warm: the repetitions "
+              f"ask the same question about the same image, so the prompt comes from the prefix cache but for its "
+              f"last token."]
+    t = report["results"][3]
+    lines += ["", f"Time to first token ({t['shape']}, median of the repetitions, prefix cache cleared before each): "
+              f"cold {t['ttft_ms']} ms; a second request with another image and question, sharing only the "
+              f"{t['system_prompt_tokens']}-token system prompt, {t['ttft_second_ms']} ms; the first again (warm) "
+              f"{t['ttft_warm_ms']} ms.", "",
+              "| chunked prefill: 4 streams decode, 4 image prompts arrive | ITL p50 ms | ITL p99 ms | stall (max ITL) ms "
+              "| newcomer TTFT median / max ms | stall / TTFT | steps decode / prefill / mixed |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in report["results"][4:]:
+        st = r["steps"]
+        lines.append(f"| {r['name']} ({r['shape']}) | {r['itl_p50_ms']} | {r['itl_p99_ms']} | {r['itl_max_ms']} | "
+                     f"{r['newcomer_ttft_median_ms']} / {r['newcomer_ttft_max_ms']} | {r['stall_over_ttft']} | "
+                     f"{st['decode']} / {st['prefill']} / {st['mixed']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -359,7 +483,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (N)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions of the batch-1 runs (median)")
     parser.add_argument("--batch-reps", type=int, default=3, help="timed repetitions of the batched runs (median)")
-    parser.add_argument("--batch", type=int, default=8, help="requests in the batched measurement")
+    parser.add_argument("--batch", type=int, default=8, help="requests in the batched measurement (>= 8)")
+    parser.add_argument("--itl-reps", type=int, default=2, help="repetitions of the arrivals, budget on and off")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both stacks")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files")
     parser.add_argument("--profile", action="store_true", help="only print a cProfile of batch-1 decode steps")
@@ -381,7 +506,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results = [batch1(model, llava, reqs[0], args.new_tokens, args.reps, pad, ceilings)]
     log.info("%s", results[0])
     results += batch8(model, llava, reqs, args.new_tokens, args.batch_reps, pad)
-    log.info("%s", results[1:])
+    log.info("%s", results[1:3])
+    results.append(ttft_cold_warm(model, reqs, args.reps))
+    log.info("%s", results[3])
+    results += chunked_prefill(model, reqs, args.itl_reps, args.new_tokens)
+    log.info("%s", results[4:])
     date = datetime.date.today().isoformat()
     t, v = TEXT, VISION
     report = {"suite": "e2e_cpu", "gpu": f"cpu-{os.cpu_count()}core", "torch": torch.__version__, "cuda": None,

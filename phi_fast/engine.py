@@ -1,18 +1,21 @@
-"""The engine: requests, a continuous-batching scheduler over the paged KV cache, prefill and decode steps.
+"""The engine: requests, continuous batching over the paged KV cache, executing the scheduler's step plans.
 
-Each step either prefills newly admitted requests (one varlen batch) or decodes one token for every running
-request. A request whose prompt shares a prefix with a cached sequence (same image, same tokens) starts from
-that sequence's pages. When a decode step runs out of pages, the newest running request is preempted: its
-pages are freed and it is recomputed later from its prompt and the tokens it already produced, so its output
-is neither lost nor repeated. Finished requests keep their pages as a prefix cache (the last `prefix_cache` of
-them, dropped first when pages run short), so a later question about the same image starts from the image's
-cached K/V. The engine is the only place that knows about requests and pages.
+What each step computes is phi_fast.scheduler's decision: under a token budget, one token for every running
+request first, then chunks of prompts (FCFS), so a long prompt takes several steps and never stalls the running
+streams for long; it also decides admission, prefix sharing (a prompt that starts like a cached sequence - same
+image, same tokens - starts from its pages), preemption (the newest running request gives its pages back from the
+tail and resumes later from what survived, its output neither lost nor repeated) and the prefix cache (finished
+requests keep their pages, the last `prefix_cache` of them, evicted page by page from the tail of the oldest when
+pages run short). The engine only executes the plan. Only a prompt's last chunk reaches lm_head and is sampled.
 
-Decode steps run through a DecodeGraphRunner (CUDA graphs on a GPU, the same step eagerly on CPU) and are
-pipelined: step n is launched with the tokens of step n - 1 fed back on the device, then the host reads step
-n - 1's tokens (stop checks, detokenizing) while step n runs. A request that stops (EOS, stop string) has one
-token too many in flight; it is discarded. Tokens are drawn by gpu_sampling from (the request's seed, the
-token's position), so a request's output does not depend on what it is batched with.
+A plan of decode rows only runs through a DecodeGraphRunner (CUDA graphs on a GPU, the same step eagerly on CPU)
+and is pipelined: step n is launched with the tokens of step n - 1 fed back on the device, then the host reads
+step n - 1's tokens (stop checks, detokenizing) while step n runs. A request that stops (EOS, stop string) has one
+token too many in flight; it is discarded. A plan with prompt chunks (decode rows too, if any: a mixed step) runs
+eagerly through one model.forward over one StepBatch, after the launch in flight has been read (the scheduler asks
+for that: every input is then on the host); its attention takes the no-prefix path only when every sequence's new
+tokens are all its tokens. Tokens are drawn by gpu_sampling from (the request's seed, the token's position), so a
+request's output does not depend on what it is batched with, nor on how its prompt was chunked.
 
 Failures stay local: a request is checked when it is made (`new_request`, callable from any thread); inside a
 step, an exception in one request's own work (its images, its detokenizing and stop strings) fails that request
@@ -255,13 +258,19 @@ class Engine:
         """Decode rows and prompt chunks in one model.forward (no launch in flight: the plan drained it); only
         the rows that end a prompt (or decode) get logits and a token."""
         self._in_step += [c.req for c in rows]
-        embeds, kept = [], []
+        embeds: dict[int, torch.Tensor] = {}
+        unwritten: set[int] = set()  # pages a failed chunk was to fill
+        ps = self.pool.page_size
         for c in rows:
             try:  # a request's own images and tokens: its failure is its own
-                embeds.append(self._embeds(c.req, c.start, c.end))
-                kept.append(c)
+                embeds[id(c)] = self._embeds(c.req, c.start, c.end)
             except Exception as error:  # noqa: BLE001
+                unwritten.update(c.req.seq.pages[c.start // ps: -(-c.end // ps)])
                 self._fail(c.req, error)
+        kept = [c for c in rows if id(c) in embeds]
+        for c in [c for c in kept if c.admitted and unwritten & set(c.req.seq.pages)]:  # shared them this step
+            kept.remove(c)
+            self.scheduler.requeue(c.req)
         if not kept:
             return
         positions = [p for c in kept for p in range(c.start, c.end)]
@@ -269,7 +278,7 @@ class Engine:
                             [c.num_tokens for c in kept], no_prefix=all(c.start == 0 for c in kept))
         sampled = [i for i, c in enumerate(kept) if c.sample]
         rows_out = batch.last_token_index[torch.tensor(sampled, dtype=torch.int64, device=self.model.device)]
-        logits = self.model.forward(torch.cat(embeds), batch, self.pool, rows=rows_out)
+        logits = self.model.forward(torch.cat([embeds[id(c)] for c in kept]), batch, self.pool, rows=rows_out)
         reqs = [kept[i].req for i in sampled]
         if reqs:
             self._append_tokens(reqs, self._sample(reqs, logits))

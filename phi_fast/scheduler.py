@@ -4,14 +4,15 @@ Every step has a token budget (`token_budget`). The running requests that need o
 first, oldest first, one token each; the rest of the budget goes to prompt chunks: first of the running requests
 whose prompt is only partly computed (oldest first), then of waiting requests in arrival order (first come,
 first served: a request that cannot start blocks those behind it). A long prompt therefore takes several steps,
-and a decode never waits for a whole prompt. A chunk that is not its prompt's last ends on a page edge where the
-budget allows, so the pages it fills are whole. Only a prompt's last chunk is sampled (`Chunk.sample`).
+and a decode never waits for a whole prompt. A chunk that is not its prompt's last ends on a page edge when that
+keeps at least half of it, so the pages it fills are whole (and a preempted request's surviving pages with them). Only a prompt's last chunk is sampled (`Chunk.sample`).
 
 The scheduler also owns the pages' fate:
 - admission: at most `max_num_seqs` requests run; a prompt longer than the whole cache fails at once;
 - prefix sharing: a request starts with the longest prefix (same tokens, same image rows) that a running, retained
-  or cached sequence has already computed; if a prompt still being computed would give it a page more, it waits
-  for that prompt instead (next steps);
+  or cached sequence has computed, or fills with whole pages in this very step (two prompts with the same system
+  prompt start together); if a prompt still incomplete after this step would give it a page more, it waits for
+  that prompt instead;
 - eviction: pages are taken back page by page from the tail of finished requests kept as a prefix cache (oldest
   first), then of preempted requests, then of retained chat turns;
 - preemption: when the decodes need more pages than that frees, the newest running request is preempted. It keeps
@@ -63,6 +64,7 @@ class Chunk:
     end: int
     slots: list[int]
     sample: bool
+    admitted: bool = False  # req joined the running requests with this chunk
 
     @property
     def num_tokens(self) -> int:
@@ -217,6 +219,7 @@ class Scheduler:
         if shared:
             self.prefix_hits += 1
             self.prefix_hit_tokens += chunk.start
+        chunk.admitted = True
         self.waiting.pop(0)
         self.running.append(req)
         return chunk
@@ -225,8 +228,8 @@ class Scheduler:
         """The next chunk of req within `left` tokens and the pages that can be had; None if not even one token."""
         ps, start, total = self.pool.page_size, req.seq.length, req.num_tokens
         end = min(total, start + left)
-        if end < total and end // ps * ps > start:
-            end = end // ps * ps  # a non-final chunk ends on a page edge when it can
+        if end < total and end // ps * ps - start >= (end - start) / 2:
+            end = end // ps * ps  # a non-final chunk ends on a page edge if that costs at most half of it
         keep = [req] + [c.req for c in plan.rows]
         while not self._make_room(req.seq.pages_needed(self.pool, end - start), keep):
             newer = [r for r in self.running if r.id > req.id and r not in keep] if preempt_newer else []
@@ -251,30 +254,42 @@ class Scheduler:
 
     # --- prefixes and pages ---------------------------------------------------------------------------------
 
-    def _computed(self, req: Any) -> int:
-        """Tokens of req whose K/V is in the cache before this step (this plan's reservations excluded)."""
-        return req.seq.length - self._reserved.get(req.id, 0)
+    def _sharable(self, other: Any, n: int) -> int:
+        """How many of other's first n tokens another sequence may share now: those computed before this step,
+        and the whole pages this step fills (attention reads them after the step's K/V are written, in the same
+        forward); never a page this step only partly writes (a copy on write now would copy unwritten rows)."""
+        before = other.seq.length - self._reserved.get(other.id, 0)
+        return n if n <= before else max(before, n // self.pool.page_size * self.pool.page_size)
 
     def _best_prefix(self, req: Any) -> tuple[Any, int]:
-        """The sequence holding the longest computed prefix of req's tokens, and its length."""
+        """The sequence holding the longest sharable prefix of req's tokens, and its length."""
         keys = req.all_keys()
         best, best_len = None, 0
         for other in self.running + self.retained + self.cached:
             # the last token is always computed: its logits are needed
-            n = min(_common_prefix(keys, other.all_keys()[: self._computed(other)]), len(keys) - 1)
+            n = min(_common_prefix(keys, other.all_keys()[: other.seq.length]), len(keys) - 1)
+            n = self._sharable(other, n)
             if n > best_len:
                 best, best_len = other, n
         return best, best_len
 
     def _better_prefix_coming(self, req: Any, have: int) -> bool:
-        """Whether a prompt still being computed will hold at least a page more of req's prefix than `have`."""
+        """Whether a prompt still incomplete after this step will hold at least a page more of req's prefix."""
         ps, keys = self.pool.page_size, req.all_keys()
         for other in self.running:
-            if self._computed(other) < len(other.keys):
+            if other.seq.length < len(other.keys):
                 n = min(_common_prefix(keys, other.all_keys()), len(keys) - 1)
-                if n >= max(have, self._computed(other)) + ps:
+                if n >= max(have, other.seq.length) + ps:
                     return True
         return False
+
+    def requeue(self, req: Any) -> None:
+        """Undo the admission of req, planned this step with pages shared from a chunk that then failed: its
+        pages go back and it waits at the queue's front again."""
+        if req in self.running:
+            self.running.remove(req)
+        req.seq.free(self.pool)
+        self.waiting.insert(0, req)
 
     def _make_room(self, need: int, keep: list[Any]) -> bool:
         """Evict until `need` pages are free: tails of cached requests (oldest first), of preempted requests

@@ -216,11 +216,18 @@ def test_prefix_being_computed_is_waited_for_not_recomputed():
     plan = sched.schedule()
     assert spans(plan) == [(a.id, 32, 64, False)] and sched.waiting == [b]
     execute(sched, plan)
+    plan = sched.schedule()  # a's last chunk fills pages 4 and 5: b shares them in the same step
+    assert spans(plan) == [(a.id, 64, 81, True), (b.id, 80, 81, True)] and sched.prefix_hit_tokens == 80
+    assert b.seq.pages[:5] == a.seq.pages[:5]
+
+
+def test_two_prompts_with_one_system_prompt_start_in_the_same_step():
+    pool, sched = make(budget=500)
+    a, b = FakeRequest(prompt(40, "a")), FakeRequest(prompt(40, "b"))  # 20 tokens in common: one whole page
+    sched.waiting += [a, b]
     plan = sched.schedule()
-    assert spans(plan) == [(a.id, 64, 81, True)] and sched.waiting == [b]  # 16 tokens later b shares 80
-    execute(sched, plan)
-    plan = sched.schedule()
-    assert spans(plan) == [(b.id, 80, 81, True)] and sched.prefix_hit_tokens == 80
+    assert spans(plan) == [(a.id, 0, 40, True), (b.id, 16, 40, True)]
+    assert b.seq.pages[0] == a.seq.pages[0] and pool.refcount(a.seq.pages[0]) == 2 and not pool.copies
 
 
 def test_eviction_takes_the_oldest_cached_tails_first():
