@@ -133,6 +133,8 @@ class Scheduler:
         for req in [r for r in self.running if _prefilling(r)]:
             if left <= 0:
                 break
+            if req not in self.running:  # preempted by an older prompt's chunk just now
+                continue
             chunk = self._take_chunk(req, left, plan, preempt_newer=True)
             if chunk is None:
                 break  # an older prompt waits for pages: newer ones do not overtake it
