@@ -168,12 +168,25 @@ def test_usage_line_names_the_command_it_was_started_as(monkeypatch, capsys):
     assert out.returncode == 0 and out.stdout.startswith("usage: python -m phi_fast "), out.stderr
 
 
+def test_token_budget_reaches_the_engine_and_changes_no_answer(ckpt, model, image):
+    expected = model.generate(str(image), QUESTION, max_new_tokens=12)
+    out = _cli("generate", "--model", str(ckpt), "--image", str(image), "--prompt", QUESTION,
+               "--max-new-tokens", "12", "--token-budget", "5", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["answer"] == expected
+    args = cli.build_parser("phi_fast").parse_args(["generate", "--model", str(ckpt), "--prompt", "p", "--token-budget", "5"])
+    loaded = cli.load_model(args)
+    assert loaded.engine.token_budget == 5
+    loaded.close()
+
+
 # --- mistakes: one line, no traceback ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("option, value", [
     ("--temperature", "nan"), ("--temperature", "-1"), ("--temperature", "inf"), ("--top-p", "0"),
     ("--top-p", "1.5"), ("--top-p", "nan"), ("--max-new-tokens", "0"), ("--max-new-tokens", "2.5"),
     ("--top-k", "-1"), ("--seed", "-3"), ("--device", "tpu"), ("--device", "cuda:x"), ("--dtype", "int8"),
+    ("--token-budget", "0"), ("--token-budget", "many"),
 ])
 def test_bad_option_values_are_usage_errors(capsys, option, value):
     code, _, err = _main(capsys, "generate", "--model", "m", "--prompt", "p", option, value)
