@@ -19,8 +19,9 @@ request's output does not depend on what it is batched with, nor on how its prom
 
 Failures stay local: a request is checked when it is made (`new_request`, callable from any thread); inside a
 step, an exception in one request's own work (its images, its detokenizing and stop strings) fails that request
-alone, and any other exception (a kernel error) fails the requests of that step; either way their pages are freed
-and the engine goes on. The engine itself is single-threaded: phi_fast.engine_loop runs it on one thread.
+alone (a request that shared pages this failed chunk was to fill goes back to the queue untouched), and any
+other exception (a kernel error) fails the requests of that step; either way their pages are freed and the engine
+goes on. The engine itself is single-threaded: phi_fast.engine_loop runs it on one thread.
 """
 
 from __future__ import annotations

@@ -159,3 +159,26 @@ def test_chat_under_budget_one_equals_rerunning_the_conversation(ckpt):
 def test_bad_token_budget_is_refused_at_load(ckpt, bad):
     with pytest.raises(ValueError, match=r"token_budget must be an int >= 1"):
         phi_fast.load(ckpt, progress=False, token_budget=bad)
+
+
+def test_failed_chunk_takes_back_the_request_that_shared_its_pages_in_the_same_step(ckpt, alone):
+    model = phi_fast.load(ckpt, progress=False)
+    bad = _add(model, 0, False)
+    good = _add(model, 1, False)  # another image: it shares only the system prompt's pages, which bad fills
+    embed_prompt = model.llava.embed_prompt
+
+    def failing_for_bad(ids, pixels):
+        if pixels is bad.pixels:
+            raise RuntimeError("broken image")
+        return embed_prompt(ids, pixels)
+
+    model.llava.embed_prompt = failing_for_bad
+    model.engine.step()
+    plan = model.engine.last_plan
+    assert [c.req for c in plan.chunks] == [bad, good] and good.seq.length == 0  # planned together, taken back
+    assert bad.finish_reason == "error" and "broken image" in str(bad.error)
+    assert model.engine.waiting == [good]
+    model.engine.run()
+    assert good.output_ids == alone[False][1]
+    model.engine.clear_prefix_cache()
+    assert model.engine.pool.num_free == model.engine.pool.num_pages
