@@ -99,6 +99,12 @@ class Request:
         return piece
 
 
+def _scheduler_counter(name: str, doc: str) -> property:
+    """An Engine attribute that is the scheduler's counter `name`."""
+    return property(lambda self: getattr(self.scheduler, name),
+                    lambda self, value: setattr(self.scheduler, name, value), doc=doc)
+
+
 class Engine:
     """Continuous batching over one model, one tokenizer and one page pool."""
 
@@ -122,15 +128,15 @@ class Engine:
         self._inflight_rows: dict[int, int] = {}  # request id -> its row in that launch
         self._in_step: list[Request] = []  # requests the current step touches: failed if it raises
 
-    # the scheduler's queues and counters, as the engine's
+    # the scheduler's queues, settings and counters, as the engine's
     waiting = property(lambda self: self.scheduler.waiting)
     running = property(lambda self: self.scheduler.running)
     retained = property(lambda self: self.scheduler.retained)
     cached = property(lambda self: self.scheduler.cached)
-    prefix_hits = property(lambda self: self.scheduler.prefix_hits)
-    prefix_hit_tokens = property(lambda self: self.scheduler.prefix_hit_tokens)
-    preemptions = property(lambda self: self.scheduler.preemptions)
     token_budget = property(lambda self: self.scheduler.token_budget)
+    prefix_hits = _scheduler_counter("prefix_hits", "requests that started from another sequence's pages")
+    prefix_hit_tokens = _scheduler_counter("prefix_hit_tokens", "prompt tokens those did not compute")
+    preemptions = _scheduler_counter("preemptions", "running requests preempted for pages")
 
     # --- requests -----------------------------------------------------------------------------------------
     def new_request(self, prompt_ids: list[int], pixels: list[torch.Tensor], params: SamplingParams,

@@ -327,3 +327,14 @@ def test_launch_in_flight_drains_before_a_chunk_or_a_preemption():
 def test_budget_must_be_positive(budget):
     with pytest.raises(ValueError, match=f"token_budget must be >= 1, got {budget}"):
         make(budget=budget)
+
+
+def test_decodes_beyond_the_budget_wait_oldest_first():
+    _, sched = make(budget=2)
+    reqs = [FakeRequest([(t, 0)], max_new_tokens=3) for t in "abc"]  # one-token prompts
+    sched.waiting += reqs
+    plans = run(sched)
+    assert all(p.num_tokens <= 2 for p in plans)
+    first_tokens = [[c.req for c in p.rows] for p in plans[:4]]
+    assert first_tokens[0] == reqs[:2] and first_tokens[1] == reqs[:2]  # c waits while a, b run
+    assert all(len(r.output_ids) == 3 for r in reqs)
