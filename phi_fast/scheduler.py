@@ -79,7 +79,7 @@ class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
     failed: list[tuple[Any, Exception]] = field(default_factory=list)  # to finish with an error (taken off the lists)
     preempted: list[Any] = field(default_factory=list)
-    drain_first: bool = False  # read the decode launch in flight, then plan again (nothing was changed)
+    drain_first: bool = False  # read the decode launch in flight, then plan again (nothing was planned)
 
     @property
     def rows(self) -> list[Chunk]:
