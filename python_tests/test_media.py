@@ -100,6 +100,7 @@ def test_decompression_bomb_is_413(monkeypatch):
 
 
 @pytest.mark.parametrize("url, words", [("", "empty"), ("ftp://127.0.0.1/a.png", "scheme 'ftp'"),
+                                        ("http://[::1/a.png", "malformed image URL"),
                                         ("javascript:alert(1)", "scheme 'javascript'")])
 def test_bad_urls(url, words):
     assert words in refused(url)
@@ -254,6 +255,7 @@ def test_local_paths_refused(media_dir):
         assert "outside the folder" in message, url
         assert str(media_dir.parent) not in message.replace(url.removeprefix("file://"), ""), "reveals a resolved path"
     assert "no such file" in refused("sub/missing.png", policy)
+    assert "cannot resolve" in refused("sub/a\0.png", policy)
     assert "is a folder" in refused("sub", policy)
     assert "only local files" in refused(f"file://otherhost{media_dir}/sub/img.png", policy)
     assert "limit of 10 bytes" in refused("sub/img.png", MediaPolicy(allowed_local_path=media_dir, max_bytes=10),

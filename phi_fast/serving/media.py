@@ -74,7 +74,10 @@ async def fetch_image(url: str, policy: MediaPolicy) -> Image.Image:
     if url[:5].lower() == "data:":
         data = _decode_data_url(url, policy.max_bytes)
     else:
-        scheme = urlsplit(url).scheme.lower()
+        try:
+            scheme = urlsplit(url).scheme.lower()
+        except ValueError:  # e.g. an unbalanced IPv6 bracket
+            raise MediaError(f"malformed image URL {url!r:.100}") from None
         if scheme in ("http", "https"):
             data = await _fetch_remote(url, policy)
         elif scheme in ("file", ""):
@@ -202,7 +205,7 @@ def _read_local(url: str, policy: MediaPolicy) -> bytes:
     root = Path(policy.allowed_local_path).resolve()
     try:
         path = (root / given).resolve()  # an absolute `given` replaces root; symlinks and .. resolved
-    except (OSError, RuntimeError):  # a symlink loop
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
         raise MediaError(f"cannot resolve image path {given!r:.200}") from None
     if not path.is_relative_to(root):
         raise MediaError(f"image path {given!r:.200} is outside the folder this server reads images from")
