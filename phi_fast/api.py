@@ -274,22 +274,46 @@ class Chat:
         self._last: Request | None = None
 
     def ask(self, message: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-            top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-            timeout: float | None = None) -> str:
-        """Add a user turn and return the assistant's answer."""
+            top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,
+            timeout: float | None = None) -> Union[str, Iterator[str]]:
+        """Add a user turn and return the assistant's answer.
+
+        With stream=True, an iterator of the answer's text pieces instead (queued at the first next()): the turn
+        joins the conversation, as the same stripped answer ask() returns, once the iterator is exhausted; one
+        closed early, timed out or failed aborts its request and leaves the conversation as it was. One ask at a
+        time: finish (or close) a stream before the next ask.
+        """
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, check_stop(stop))
         if not isinstance(message, str):
             raise ValueError(f"message must be a str, got {type(message).__name__}")
+        if not isinstance(stream, bool):
+            raise ValueError(f"stream must be a bool, got {stream!r}")
+        timeout = _check_timeout(timeout)
         turns = self.turns + [(message, None)]
         text = build_prompt(turns, with_image=self.pixels is not None)
         ids = tokenize_prompt(self.model.tokenizer, text)
         pixels = [] if self.pixels is None else [self.pixels]
         req = self.model.engine.new_request(ids, pixels, params, keep_cache=True)
-        answer = self.model._answers([req], _check_timeout(timeout), single=True)[0]
-        self.turns = turns[:-1] + [(message, answer)]
+        if stream:
+            return self._stream(message, req, timeout)
+        answer = self.model._answers([req], timeout, single=True)[0]
+        self._add_turn(message, answer, req)
+        return answer
+
+    def _stream(self, message: str, req: Request, timeout: float | None) -> Iterator[str]:
+        handle = self.model.loop.submit(req)
+        yield from handle.stream(timeout)
+        self._add_turn(message, handle.result(0), req)
+
+    def _add_turn(self, message: str, answer: str, req: Request) -> None:
+        self.turns = self.turns + [(message, answer)]
         self.close()  # the new turn holds (shares) whatever of the old one it reused
         self._last = req
-        return answer
+
+    def reset(self) -> None:
+        """Start over about the same image: the turns are forgotten, and so is their cache."""
+        self.close()
+        self.turns = []
 
     def close(self) -> None:
         """Let the cache forget this conversation."""

@@ -88,8 +88,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     add_sampling_options(gen)
     gen.set_defaults(run=run_generate)
 
+    from .chat_cli import add_chat_parser
     from .demo import add_demo_parser
 
+    add_chat_parser(sub, parents=[common], formatter_class=HelpFormatter)
     add_demo_parser(sub, parents=[common], formatter_class=HelpFormatter)
 
     from .serve import add_serve_parser
@@ -147,8 +149,8 @@ def load_model(args: argparse.Namespace, folder: Path | None = None, **engine: o
     return load(folder, args.device, args.dtype, progress=sys.stderr.isatty(), quantize=args.quantize, **engine)
 
 
-def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """How tokens are picked and when the answer stops, and how it is printed."""
+def add_sampling_options(parser: argparse.ArgumentParser, *, output: bool = True) -> None:
+    """How tokens are picked and when the answer stops, and (output=True) how it is printed."""
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-new-tokens", type=_int_at_least(1), default=128, metavar="N",
                        help="stop after this many tokens")
@@ -162,8 +164,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                        help="makes sampling reproducible (default: random)")
     group.add_argument("--stop", action="append", default=[], metavar="TEXT",
                        help="end the answer before TEXT; repeat for several (a newline in bash: $'\\n')")
-    output = parser.add_argument_group("output")
-    how = output.add_mutually_exclusive_group()
+    if not output:
+        return
+    how = parser.add_argument_group("output").add_mutually_exclusive_group()
     how.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     how.add_argument("--json", action="store_true",
                      help="print one JSON object: answer, finish_reason, prompt_tokens, completion_tokens, timings")
