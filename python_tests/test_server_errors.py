@@ -120,6 +120,17 @@ def test_body_over_the_limit_is_413(server):
     assert _error(_post(server, chunked()), 413)
 
 
+def test_media_policy_limits_images(model):
+    from phi_fast.serving.media import MediaPolicy
+
+    with serve(model, media_policy=MediaPolicy(allow_remote=False, max_bytes=2000)) as live:
+        big = _chat_body(messages=[image_message(random_image(9), "What?")])  # a PNG of about 7 kB
+        assert "messages[0].content[0].image_url.url" in _error(_post(live, big), 413)["message"]
+        remote = _chat_body(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}}]}])
+        assert _error(_post(live, remote), 400)["param"] == "messages[0].content[0].image_url.url"
+
+
 def test_internal_error_is_500_without_details(server, model, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
