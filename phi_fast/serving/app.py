@@ -220,10 +220,9 @@ class _Run:
         try:
             await _unless_disconnected(self.receive, self.drain())
         except ClientGone:
-            self.abort()
             return Response(status_code=499)  # nobody reads it
         finally:
-            self.abort()  # no-op for finished requests; a cancelled route must not leave them running
+            self.abort()  # the client went away, or the route was cancelled; no-op for finished requests
         self._raise_first_error()
         return JSONResponse(self.chat_body() if chat else self.completion_body())
 
