@@ -1,4 +1,5 @@
-"""The command line: `phi_fast generate ...` and `phi_fast demo` (the same as `python -m phi_fast ...`).
+"""The command line: `phi_fast generate ...`, `phi_fast serve ...` and `phi_fast demo` (the same as
+`python -m phi_fast ...`).
 
 Every subcommand takes the model-loading options from `add_load_options` (one definition, reused by each
 subcommand) and the sampling options from `add_sampling_options`. A user's mistake (a bad argument, model folder,
@@ -92,6 +93,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
     add_chat_parser(sub, parents=[common], formatter_class=HelpFormatter)
     add_demo_parser(sub, parents=[common], formatter_class=HelpFormatter)
+
+    from .serve import add_serve_parser
+
+    add_serve_parser(sub, parents=[common], formatter_class=HelpFormatter)
     return parser
 
 
@@ -129,8 +134,9 @@ def add_load_options(parser: argparse.ArgumentParser, *, model: bool = True) -> 
                        help="pack the language model's linear weights at load time (CPU only for now)")
 
 
-def load_model(args: argparse.Namespace, folder: Path | None = None) -> "Model":
-    """Loads the model the load options name (or `folder`), after checking the folder is one."""
+def load_model(args: argparse.Namespace, folder: Path | None = None, **engine: object) -> "Model":
+    """Loads the model the load options name (or `folder`), after checking the folder is one; `engine`: more
+    Model.load settings (max_num_seqs, cache_memory)."""
     from .api import load
 
     folder = folder if folder is not None else args.model
@@ -140,7 +146,7 @@ def load_model(args: argparse.Namespace, folder: Path | None = None) -> "Model":
         raise ValueError(f"--model {folder}: is a file, not a checkpoint folder{hint}")
     if not folder.exists():
         raise ValueError(f"--model {folder}: no such folder")
-    return load(folder, args.device, args.dtype, progress=sys.stderr.isatty(), quantize=args.quantize)
+    return load(folder, args.device, args.dtype, progress=sys.stderr.isatty(), quantize=args.quantize, **engine)
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, output: bool = True) -> None:
@@ -205,13 +211,17 @@ def answer(model: "Model", image: "ImageInput | None", prompt: str, params: "Sam
            on_piece: Callable[[str], None] | None = None) -> Answer:
     """Answers one prompt through the model's own streaming path, handing each new piece of text to `on_piece`.
 
-    It goes through Model._submit/_stream rather than generate() because --json reports the request's finish
-    reason and token counts, which generate() does not return.
+    It goes through Model.submit rather than generate() because --json reports the request's finish reason and
+    token counts, which generate() does not return.
     """
+    from .prompt import IMAGE_PLACEHOLDER
+
     t0 = time.perf_counter()
-    req = model._submit([(image, prompt)], params)[0]
+    content = prompt if image is None or IMAGE_PLACEHOLDER in prompt else f"{IMAGE_PLACEHOLDER}\n{prompt}"
+    handle = model.submit([{"role": "user", "content": content}], [] if image is None else [image], params)[0]
+    req = handle.request
     pieces, first = [], None
-    for piece in model._stream(req, None):
+    for piece in handle.stream(None):
         first = time.perf_counter() if first is None else first
         pieces.append(piece)
         if on_piece is not None:
