@@ -1,7 +1,7 @@
 """Serving on the CPU: N concurrent streaming clients (the async `openai` client) against `python -m phi_fast serve`.
 
     python -m bench.serve [--clients 1,8,32] [--requests 2] [--max-tokens 32] [--vocab 51200] [--threads 2]
-                          [--transformers] [--out DIR]
+                          [--transformers [--transformers-clients 1,8]] [--out DIR]
 
 The model is bench/e2e_cpu.py's mid-size LLaVA-Phi (random weights, llava_hf layout, EOS never the greedy choice so
 every answer is exactly --max-tokens tokens), written to a temporary folder. The server runs in its own process
@@ -12,8 +12,10 @@ and question, after one warm-up request. Reported per N:
 - TTFT p50 / p99: request sent to the first content chunk (image fetch + encode, queueing, prefill);
 - ITL p50 / p99: the gaps between consecutive content chunks of a request, over all requests (a chunk may hold
   more than one token when the server coalesces; the median TPOT per request is reported next to it).
---transformers also starts `transformers serve` on the same checkpoint folder and runs the same rounds against
-it (see bench/NOTES.md for whether it can). The load of the machine is recorded (load average before / after,
+--transformers also starts `transformers serve` (its default settings: no continuous batching) on the same
+checkpoint folder and runs the rounds of --transformers-clients against it; it needs `accelerate`, which is not a
+phi_fast dependency (bench/NOTES.md: how it was run here). A stack that fails is reported under "not_measured".
+The load of the machine is recorded (load average before / after,
 the share of the cores other processes kept busy). Writes bench/results/serve-cpu-<cores>core-<date>.{json,md}.
 """
 
@@ -201,7 +203,8 @@ def start_phi_fast(folder: Path, port: int, threads: int, max_seqs: int, log_dir
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "passive",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "phi_fast", "serve", "--model", str(folder), "--host", "127.0.0.1",
-               "--port", str(port), "--served-model-name", "bench", "--max-num-seqs", str(max_seqs)]
+               "--port", str(port), "--served-model-name", "bench", "--max-num-seqs", str(max_seqs),
+               "--cache-memory", "1G"]  # 32 requests x ~330 tokens x 64 KiB a token: ~0.7 GiB
     return Server("phi_fast serve", command, port, env, log_dir / "phi_fast_serve.log")
 
 
@@ -262,26 +265,31 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--vocab", type=int, default=51200, help="text vocabulary (51200 = Phi-2's)")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server process")
     parser.add_argument("--transformers", action="store_true", help="also measure `transformers serve`")
+    parser.add_argument("--transformers-clients", default="1,8",
+                        help="its numbers of clients (it answers one request at a time: 32 x 2 would take long)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     clients = [int(c) for c in args.clients.split(",")]
+    hf_clients = [int(c) for c in args.transformers_clients.split(",")]
     urls = image_urls(8)
     results, not_measured = [], {}
     load_before, wall0, busy0 = os.getloadavg(), time.perf_counter(), busy_seconds()
     with tempfile.TemporaryDirectory(prefix="phi_fast_bench_serve_") as tmp:
         folder, logs = Path(tmp) / "model", Path(tmp)
         build_model(folder, args.vocab)
-        stacks = [("phi_fast", lambda port: start_phi_fast(folder, port, args.threads, max(clients), logs), "bench")]
+        stacks = [("phi_fast", lambda port: start_phi_fast(folder, port, args.threads, max(clients), logs), "bench",
+                   clients)]
         if args.transformers:
             stacks.append(("transformers serve", lambda port: start_transformers(folder, port, args.threads, logs),
-                           str(folder)))
-        for name, start, model_name in stacks:
+                           str(folder), hf_clients))
+        for name, start, model_name, counts in stacks:
             port = free_port()
             server = start(port)
             try:
                 server.ready()
-                for n in clients:
+                for n in counts:
                     record = asyncio.run(round_(f"http://127.0.0.1:{port}/v1", model_name, n, args.requests,
                                                 args.max_tokens, urls))
                     record["name"] = name
