@@ -270,11 +270,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    for name in ("httpx", "openai"):  # a line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     clients = [int(c) for c in args.clients.split(",")]
     hf_clients = [int(c) for c in args.transformers_clients.split(",")]
     urls = image_urls(8)
     results, not_measured = [], {}
+    commit, uncommitted = git_commit(), _uncommitted()  # of the code measured: read before the run
     load_before, wall0, busy0 = os.getloadavg(), time.perf_counter(), busy_seconds()
     with tempfile.TemporaryDirectory(prefix="phi_fast_bench_serve_") as tmp:
         folder, logs = Path(tmp) / "model", Path(tmp)
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     date = datetime.date.today().isoformat()
     t, v = TEXT, VISION
     report = {"suite": "serve", "gpu": f"cpu-{os.cpu_count()}core", "torch": _torch_version(), "cuda": None,
-              "commit": git_commit(), "uncommitted": _uncommitted(), "date": date, "threads": args.threads,
+              "commit": commit, "uncommitted": uncommitted, "date": date, "threads": args.threads,
               "max_tokens": args.max_tokens, "requests_per_client": args.requests,
               "loadavg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
               "others_cpu_share": others_share(busy0, wall0),
