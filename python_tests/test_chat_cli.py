@@ -138,6 +138,28 @@ def test_repl_mistakes_are_one_line_and_the_chat_goes_on(model, images, tmp_path
     assert r.image == str(images[0])
 
 
+class InterruptOnce(Recorder):
+    """stdout whose first write raises KeyboardInterrupt, as Ctrl-C arriving while an answer streams."""
+
+    def write(self, text: str) -> int:
+        if self.writes == 0:
+            self.writes += 1
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_ctrl_c_during_an_answer_drops_that_turn(model, images):
+    free = model.loop.call(lambda engine: engine.pool.num_free)
+    out, err = InterruptOnce(), io.StringIO()
+    r = ChatRepl(model, SamplingParams(max_new_tokens=TOKENS), str(images[0]), interactive=False,
+                 stdin=io.StringIO(f"{QUESTIONS[0]}\n{QUESTIONS[1]}\n"), out=out, err=err)
+    assert r.run() == 0
+    assert "answer stopped" in err.getvalue()
+    # the second question is the conversation's first turn: the interrupted one was dropped
+    assert out.getvalue() == "\n" + asked(model, images[0], QUESTIONS[1:2])[0] + "\n"
+    assert model.loop.call(lambda engine: engine.pool.num_free) == free  # its pages are back
+
+
 def test_repl_prompt_too_long_is_an_error_line(model, images):
     long_question = " ".join(["word"] * 5000)  # far past the tiny model's context
     _, out, err, _ = repl(model, images[0], [long_question, QUESTIONS[0]])

@@ -8,6 +8,7 @@ import base64
 import io
 import os
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -265,3 +266,8 @@ def test_local_paths_refused(media_dir):
 def test_local_paths_off_by_default(media_dir):
     assert "local image paths are not allowed" in refused(str(media_dir / "sub" / "img.png"))
     assert "local image paths are not allowed" in refused(f"file://{media_dir}/sub/img.png")
+
+
+def test_without_httpx_remote_urls_are_refused_not_a_crash(monkeypatch):
+    monkeypatch.setitem(sys.modules, "httpx", None)  # what `import httpx` meets where it is not installed
+    assert "cannot fetch http(s) image URLs" in refused("http://127.0.0.1:9/img.png")

@@ -121,7 +121,11 @@ async def _fetch_remote(url: str, policy: MediaPolicy) -> bytes:
     """The body at `url`, redirects followed by hand, all under one deadline."""
     if not policy.allow_remote:
         raise MediaError("remote image URLs are disabled on this server; send the image as a data: URL")
-    import httpx  # the `serve` extra; only remote fetches need it
+    try:
+        import httpx  # the `serve` extra; only remote fetches need it
+    except ImportError:
+        log.error("an http(s) image URL needs httpx: pip install 'phi_fast[serve]'")
+        raise MediaError("this server cannot fetch http(s) image URLs; send the image as a data: URL") from None
 
     try:
         async with httpx.AsyncClient(follow_redirects=False, timeout=policy.timeout_s, trust_env=False,
