@@ -8,19 +8,21 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 
 from . import ops
 from .config import ModelConfig, load_config
 from .engine import Engine, Request
-from .engine_loop import EngineLoop
+from .engine_loop import EngineLoop, RequestHandle
 from .image import ImageInput, load_image, preprocess, preprocess_uint8
 from .kv_cache import PagePool
 from .model import LlavaPhi
-from .prompt import build_prompt, tokenize_prompt
+from .prompt import build_prompt, chat_prompt, tokenize_prompt
 from .quant import DEFAULT_GROUP_SIZE, QuantConfig, QuantizedWeight, is_quantized_name
 from .quant import quantize as quantize_weight
 from .quant_checkpoint import load_quantized_weights, read_quant_config, save_model
@@ -179,6 +181,31 @@ class Model:
             raise ValueError(f"got {len(images)} images for {len(prompt)} prompts")
         return self._answers(self._submit(list(zip(images, prompt)), params), timeout, single=False)
 
+    def submit(self, prompt: str | Sequence[Mapping[str, str]], images: Sequence[ImageInput] = (),
+               params: SamplingParams | None = None, *, n: int = 1,
+               on_update: Callable[[RequestHandle], Any] | None = None) -> list[RequestHandle]:
+        """Queue `n` answers to one prompt and return their handles at once (stream, result, abort: see
+        phi_fast.engine_loop), for callers that need more than `generate` gives (finish reasons, token counts,
+        logprobs, a callback per update: the CLI and the HTTP server).
+
+        prompt: text used as it is (no template), or OpenAI-style messages [{"role", "content": str}] put in the
+        phi-2_v0 template (prompt.chat_prompt); either way one "<image>" marker per entry of `images`, in order.
+        n > 1: the answers use seeds params.seed, params.seed + 1, ... (random ones without a seed) and share
+        the prompt's cached pages. Everything is checked and the images preprocessed in the caller's thread:
+        ValueError for a bad prompt, image or parameter; nothing is queued then.
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        text = prompt if isinstance(prompt, str) else chat_prompt(prompt)
+        ids = tokenize_prompt(self.tokenizer, text, num_images=len(images))
+        pixels = [self._pixels(image) for image in images]
+        reqs = [self.engine.new_request(ids, pixels, params if params.seed is None or n == 1
+                                        else replace(params, seed=params.seed + i)) for i in range(n)]
+        return self.loop.submit_many(reqs, on_update)
+
     def chat(self, image: ImageInput | None = None) -> "Chat":
         """A multi-turn conversation about `image` whose earlier turns stay in the KV cache."""
         return Chat(self, image)
@@ -249,22 +276,46 @@ class Chat:
         self._last: Request | None = None
 
     def ask(self, message: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-            top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-            timeout: float | None = None) -> str:
-        """Add a user turn and return the assistant's answer."""
+            top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None, stream: bool = False,
+            timeout: float | None = None) -> Union[str, Iterator[str]]:
+        """Add a user turn and return the assistant's answer.
+
+        With stream=True, an iterator of the answer's text pieces instead (queued at the first next()): the turn
+        joins the conversation, as the same stripped answer ask() returns, once the iterator is exhausted; one
+        closed early, timed out or failed aborts its request and leaves the conversation as it was. One ask at a
+        time: finish (or close) a stream before the next ask.
+        """
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, check_stop(stop))
         if not isinstance(message, str):
             raise ValueError(f"message must be a str, got {type(message).__name__}")
+        if not isinstance(stream, bool):
+            raise ValueError(f"stream must be a bool, got {stream!r}")
+        timeout = _check_timeout(timeout)
         turns = self.turns + [(message, None)]
         text = build_prompt(turns, with_image=self.pixels is not None)
         ids = tokenize_prompt(self.model.tokenizer, text)
         pixels = [] if self.pixels is None else [self.pixels]
         req = self.model.engine.new_request(ids, pixels, params, keep_cache=True)
-        answer = self.model._answers([req], _check_timeout(timeout), single=True)[0]
-        self.turns = turns[:-1] + [(message, answer)]
+        if stream:
+            return self._stream(message, req, timeout)
+        answer = self.model._answers([req], timeout, single=True)[0]
+        self._add_turn(message, answer, req)
+        return answer
+
+    def _stream(self, message: str, req: Request, timeout: float | None) -> Iterator[str]:
+        handle = self.model.loop.submit(req)
+        yield from handle.stream(timeout)
+        self._add_turn(message, handle.result(0), req)
+
+    def _add_turn(self, message: str, answer: str, req: Request) -> None:
+        self.turns = self.turns + [(message, answer)]
         self.close()  # the new turn holds (shares) whatever of the old one it reused
         self._last = req
-        return answer
+
+    def reset(self) -> None:
+        """Start over about the same image: the turns are forgotten, and so is their cache."""
+        self.close()
+        self.turns = []
 
     def close(self) -> None:
         """Let the cache forget this conversation."""

@@ -1,4 +1,5 @@
-"""The command line: `phi_fast generate ...` and `phi_fast demo` (the same as `python -m phi_fast ...`).
+"""The command line: `phi_fast generate ...`, `phi_fast serve ...` and `phi_fast demo` (the same as
+`python -m phi_fast ...`).
 
 Every subcommand takes the model-loading options from `add_load_options` (one definition, reused by each
 subcommand) and the sampling options from `add_sampling_options`. A user's mistake (a bad argument, model folder,
@@ -87,9 +88,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     add_sampling_options(gen)
     gen.set_defaults(run=run_generate)
 
+    from .chat_cli import add_chat_parser
     from .demo import add_demo_parser
 
+    add_chat_parser(sub, parents=[common], formatter_class=HelpFormatter)
     add_demo_parser(sub, parents=[common], formatter_class=HelpFormatter)
+
+    from .serve import add_serve_parser
+
+    add_serve_parser(sub, parents=[common], formatter_class=HelpFormatter)
     return parser
 
 
@@ -130,8 +137,9 @@ def add_load_options(parser: argparse.ArgumentParser, *, model: bool = True) -> 
                             "prompts (default: 512 on cpu, 4096 on cuda)")
 
 
-def load_model(args: argparse.Namespace, folder: Path | None = None) -> "Model":
-    """Loads the model the load options name (or `folder`), after checking the folder is one."""
+def load_model(args: argparse.Namespace, folder: Path | None = None, **engine: object) -> "Model":
+    """Loads the model the load options name (or `folder`), after checking the folder is one; `engine`: more
+    Model.load settings (max_num_seqs, cache_memory)."""
     from .api import load
 
     folder = folder if folder is not None else args.model
@@ -142,11 +150,11 @@ def load_model(args: argparse.Namespace, folder: Path | None = None) -> "Model":
     if not folder.exists():
         raise ValueError(f"--model {folder}: no such folder")
     return load(folder, args.device, args.dtype, progress=sys.stderr.isatty(), quantize=args.quantize,
-                token_budget=args.token_budget)
+                token_budget=args.token_budget, **engine)
 
 
-def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """How tokens are picked and when the answer stops, and how it is printed."""
+def add_sampling_options(parser: argparse.ArgumentParser, *, output: bool = True) -> None:
+    """How tokens are picked and when the answer stops, and (output=True) how it is printed."""
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-new-tokens", type=_int_at_least(1), default=128, metavar="N",
                        help="stop after this many tokens")
@@ -160,8 +168,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                        help="makes sampling reproducible (default: random)")
     group.add_argument("--stop", action="append", default=[], metavar="TEXT",
                        help="end the answer before TEXT; repeat for several (a newline in bash: $'\\n')")
-    output = parser.add_argument_group("output")
-    how = output.add_mutually_exclusive_group()
+    if not output:
+        return
+    how = parser.add_argument_group("output").add_mutually_exclusive_group()
     how.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     how.add_argument("--json", action="store_true",
                      help="print one JSON object: answer, finish_reason, prompt_tokens, completion_tokens, timings")
@@ -206,13 +215,17 @@ def answer(model: "Model", image: "ImageInput | None", prompt: str, params: "Sam
            on_piece: Callable[[str], None] | None = None) -> Answer:
     """Answers one prompt through the model's own streaming path, handing each new piece of text to `on_piece`.
 
-    It goes through Model._submit/_stream rather than generate() because --json reports the request's finish
-    reason and token counts, which generate() does not return.
+    It goes through Model.submit rather than generate() because --json reports the request's finish reason and
+    token counts, which generate() does not return.
     """
+    from .prompt import IMAGE_PLACEHOLDER
+
     t0 = time.perf_counter()
-    req = model._submit([(image, prompt)], params)[0]
+    content = prompt if image is None or IMAGE_PLACEHOLDER in prompt else f"{IMAGE_PLACEHOLDER}\n{prompt}"
+    handle = model.submit([{"role": "user", "content": content}], [] if image is None else [image], params)[0]
+    req = handle.request
     pieces, first = [], None
-    for piece in model._stream(req, None):
+    for piece in handle.stream(None):
         first = time.perf_counter() if first is None else first
         pieces.append(piece)
         if on_piece is not None:

@@ -12,6 +12,7 @@ input tokens (from the host, or the previous step's output on the device), embed
     pending = runner.launch(step)             # copy the inputs, replay, start copying the tokens back
     ...                                       # the host prepares the next step while the GPU works
     tokens = pending.result()                 # list[int]; waits for this launch only
+    pending.logprobs()                        # with launch(step, logprobs=True): each row's logprobs (see there)
 
 Buckets: 1, 2, 4, ..., 128, up to the first one >= max_num_seqs. n sequences run in the smallest bucket >= n;
 rows n..B-1 are padding: token 0, position 0, slot -1 (nothing written to the cache), seq_len 1 over page 0 (the
@@ -29,6 +30,10 @@ Token feedback: a row whose prev_row is r >= 0 takes as its input the token the 
 read on the device. The engine can therefore launch step n + 1 before it has read step n's tokens, and read them
 (pinned buffer + event, two alternating) while step n + 1 runs.
 
+Logprobs: `launch(step, logprobs=True)` runs a variant of the step (its own graph) that also computes, on the
+device right after sampling, every row's sampled-token log-probability and its MAX_LOGPROBS most likely
+alternatives (gpu_sampling.token_logprobs), copied back with the tokens; launches without it do none of that work.
+
 Graphs are captured lazily at a bucket's first use (or all at once: `capture_all`, eager_capture=True) into one
 private memory pool shared by all of them; each capture logs the memory it took. Capturing needs the compiled CUDA
 ops (the "cpp" backend): the reference ops read seq_lens on the host.
@@ -44,9 +49,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .gpu_sampling import SAMPLER_KINDS, sample_tokens, sampler_kind
+from .gpu_sampling import SAMPLER_KINDS, sample_tokens, sampler_kind, token_logprobs
 from .kv_cache import PagePool
 from .model import LlavaPhi, StepBatch
+from .sampling import MAX_LOGPROBS
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +154,14 @@ class PendingTokens:
     """The tokens of one launch, on their way to the host."""
 
     def __init__(self, tokens: torch.Tensor, logits: torch.Tensor | None, host: torch.Tensor,
-                 event: torch.cuda.Event | None):
+                 event: torch.cuda.Event | None, host_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.tokens = tokens  # [n] int64 on the device; with graphs a static output: valid until the next launch
         self.logits = logits  # [n, V] fp32 (keep_logits=True), valid as long; else None
         self._host = host  # [n] int64 (pinned) being filled by the copy `event` follows
+        self._host_logprobs = host_logprobs  # fp32 [n, 1 + K] and int64 [n, K], filled by the same copy
         self._event = event
         self._values: list[int] | None = None
+        self._logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     def ready(self) -> bool:
         """Whether result() would return without waiting."""
@@ -165,7 +173,16 @@ class PendingTokens:
             if self._event is not None:
                 self._event.synchronize()
             self._values = self._host.tolist()
+            if self._host_logprobs is not None:
+                values, ids = (t.tolist() for t in self._host_logprobs)
+                self._logprobs = [(v[0], list(zip(i, v[1:]))) for v, i in zip(values, ids)]
         return self._values
+
+    def logprobs(self) -> list[tuple[float, list[tuple[int, float]]]] | None:
+        """Per row (sampled token's logprob, [(id, logprob)] of the K most likely, descending), for a launch
+        with logprobs=True (else None); waits like result()."""
+        self.result()
+        return self._logprobs
 
 
 class DecodeGraphRunner:
@@ -196,9 +213,13 @@ class DecodeGraphRunner:
         self._cu_seqlens = torch.arange(self.capacity + 1, dtype=torch.int32, device=self.device)
         self._last_tokens = torch.zeros(self.capacity, dtype=torch.int64, device=self.device)  # previous launch's
         self._host_tokens = [torch.zeros(self.capacity, dtype=torch.int64, pin_memory=on_cuda) for _ in range(2)]
+        self.logprob_k = min(MAX_LOGPROBS, model.cfg.text.vocab_size)  # alternatives a logprobs launch returns
+        self._host_logprobs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]  # made at first use
         self._copied = [torch.cuda.Event() if on_cuda else None for _ in range(2)]  # after each D2H token copy
         self._readers: list[PendingTokens | None] = [None, None]
-        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
+        # (bucket, kind, logprobs) -> (graph, tokens, logits if kept, (logprob values, ids) if logprobs)
+        self._graphs: dict[tuple[int, str, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None,
+                                                        tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self._mempool = None
         self.graph_memory = 0  # bytes the captures took (memory_reserved growth)
         self._launches = 0
@@ -216,8 +237,9 @@ class DecodeGraphRunner:
 
     @property
     def captured(self) -> list[tuple[int, str]]:
-        """(bucket, sampler kind) of every graph captured so far, sorted."""
-        return sorted(self._graphs)
+        """(bucket, sampler kind) of every graph captured so far, sorted; kind "<kind>+logprobs" for the
+        variants with logprobs."""
+        return sorted((b, f"{k}+logprobs" if lp else k) for b, k, lp in self._graphs)
 
     def graphed(self, n: int) -> bool:
         """Whether a launch of n sequences replays a graph (else it runs eagerly)."""
@@ -234,9 +256,10 @@ class DecodeGraphRunner:
         _pad_rows(fields, 0, n)
         return DecodeInputs(fields, n, which)
 
-    def launch(self, inputs: DecodeInputs) -> PendingTokens:
-        """Run one decode step: n tokens in, n sampled tokens out (see PendingTokens). Raises ValueError for
-        inputs that would read or write outside the cache or the previous launch's rows."""
+    def launch(self, inputs: DecodeInputs, logprobs: bool = False) -> PendingTokens:
+        """Run one decode step: n tokens in, n sampled tokens out (see PendingTokens), and with `logprobs` each
+        row's log-probabilities. Raises ValueError for inputs that would read or write outside the cache or the
+        previous launch's rows."""
         n = inputs.n
         self._check(inputs)
         kind = sampler_kind(inputs.temperature, inputs.top_k, inputs.top_p)
@@ -244,17 +267,19 @@ class DecodeGraphRunner:
         rows = bucket or n
         with torch.inference_mode():
             _pad_rows(self._staging_fields[inputs.staging], n, rows)
-            if bucket is not None and (bucket, kind) not in self._graphs:
-                self._capture(bucket, kind)
+            key = (bucket, kind, logprobs)
+            if bucket is not None and key not in self._graphs:
+                self._capture(*key)
             self._inputs.copy_from(self._staging[inputs.staging], rows)
             if self._staged[inputs.staging] is not None:
                 self._staged[inputs.staging].record()
             if bucket is not None:
-                graph, tokens, logits = self._graphs[(bucket, kind)]
+                graph, tokens, logits, lp = self._graphs[key]
                 graph.replay()
             else:
-                tokens, logits = self._step(rows, kind)
-            pending = self._read_back(tokens[:n], logits[:n] if self.keep_logits else None)
+                tokens, logits, lp = self._step(rows, kind, logprobs)
+            pending = self._read_back(tokens[:n], logits[:n] if self.keep_logits else None,
+                                      None if lp is None else (lp[0][:n], lp[1][:n]))
         self._last_n = n
         self._launches += 1
         return pending
@@ -264,13 +289,15 @@ class DecodeGraphRunner:
         with torch.inference_mode():
             for kind in kinds:
                 for bucket in self.buckets:
-                    if (bucket, kind) not in self._graphs:
-                        self._capture(bucket, kind)
+                    if (bucket, kind, False) not in self._graphs:
+                        self._capture(bucket, kind, False)
 
     # --- internals ----------------------------------------------------------------------------------------
 
-    def _step(self, rows: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode step over rows [:rows] of the device buffers (what a graph captures) -> (tokens, logits)."""
+    def _step(self, rows: int, kind: str, logprobs: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The decode step over rows [:rows] of the device buffers (what a graph captures) -> (tokens, logits,
+        token_logprobs' (values, ids) if logprobs else None)."""
         f = self._fields
         prev = f["prev_row"][:rows]
         fed_back = self._last_tokens.gather(0, prev.clamp(min=0))
@@ -282,9 +309,9 @@ class DecodeGraphRunner:
         tokens = sample_tokens(logits, f["temperature"][:rows], f["top_k"][:rows], f["top_p"][:rows],
                                f["seed"][:rows], f["step"][:rows], kind)
         self._last_tokens[:rows].copy_(tokens)
-        return tokens, logits
+        return tokens, logits, token_logprobs(logits, tokens, self.logprob_k) if logprobs else None
 
-    def _capture(self, bucket: int, kind: str) -> None:
+    def _capture(self, bucket: int, kind: str, logprobs: bool) -> None:
         """Warm up, then capture the step over `bucket` padding rows; the fed-back tokens survive it."""
         dev = self.device
         saved = self._last_tokens.clone()  # the warm-up runs overwrite the fed-back tokens
@@ -293,7 +320,7 @@ class DecodeGraphRunner:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):
-                self._step(bucket, kind)
+                self._step(bucket, kind, logprobs)
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()  # what the warm-up cached is not the graph's (torch.cuda.graph empties it too)
@@ -302,28 +329,40 @@ class DecodeGraphRunner:
             self._mempool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._mempool):
-            tokens, logits = self._step(bucket, kind)
-        self._graphs[(bucket, kind)] = (graph, tokens, logits if self.keep_logits else None)
+            tokens, logits, lp = self._step(bucket, kind, logprobs)
+        self._graphs[(bucket, kind, logprobs)] = (graph, tokens, logits if self.keep_logits else None, lp)
         del logits  # unless kept, its memory returns to the pool, for later captures' temporaries
         torch.cuda.synchronize(dev)
         grown = torch.cuda.memory_reserved(dev) - reserved
         self.graph_memory += grown
-        log.info("captured the decode graph for batch %d (%s sampling): memory allocated %+.1f MiB, reserved "
-                 "%+.1f MiB (all graphs: %.1f MiB)", bucket, kind,
+        log.info("captured the decode graph for batch %d (%s sampling%s): memory allocated %+.1f MiB, reserved "
+                 "%+.1f MiB (all graphs: %.1f MiB)", bucket, kind, ", logprobs" if logprobs else "",
                  (torch.cuda.memory_allocated(dev) - allocated) / 2**20, grown / 2**20, self.graph_memory / 2**20)
         self._last_tokens.copy_(saved)
 
-    def _read_back(self, tokens: torch.Tensor, logits: torch.Tensor | None) -> PendingTokens:
+    def _read_back(self, tokens: torch.Tensor, logits: torch.Tensor | None,
+                   logprobs: tuple[torch.Tensor, torch.Tensor] | None) -> PendingTokens:
         if self._copied[0] is None:  # CPU: the tokens are on the host already
-            return PendingTokens(tokens, logits, tokens, None)
+            return PendingTokens(tokens, logits, tokens, None, logprobs)
         which = self._launches % 2
         reader = self._readers[which]
         if reader is not None:
             reader.result()  # keep its values before its pinned buffer is reused
-        host = self._host_tokens[which][: tokens.shape[0]]
+        n = tokens.shape[0]
+        host = self._host_tokens[which][:n]
         host.copy_(tokens, non_blocking=True)
+        host_lp = None
+        if logprobs is not None:
+            if self._host_logprobs[which] is None:
+                k = self.logprob_k
+                self._host_logprobs[which] = (
+                    torch.zeros(self.capacity, 1 + k, dtype=torch.float32, pin_memory=True),
+                    torch.zeros(self.capacity, k, dtype=torch.int64, pin_memory=True))
+            host_lp = tuple(h[:n] for h in self._host_logprobs[which])
+            for h, d in zip(host_lp, logprobs):
+                h.copy_(d, non_blocking=True)
         self._copied[which].record()
-        self._readers[which] = PendingTokens(tokens, logits, host, self._copied[which])
+        self._readers[which] = PendingTokens(tokens, logits, host, self._copied[which], host_lp)
         return self._readers[which]
 
     def _check(self, inputs: DecodeInputs) -> None:

@@ -36,7 +36,7 @@ from typing import Hashable
 import torch
 
 from .cuda_graphs import DecodeGraphRunner, PendingTokens
-from .gpu_sampling import sample_tokens, sampler_kind
+from .gpu_sampling import sample_tokens, sampler_kind, token_logprobs
 from .kv_cache import PagePool, SequencePages
 from .model import LlavaPhi, StepBatch
 from .prompt import IMAGE_TOKEN_INDEX
@@ -45,6 +45,9 @@ from .sampling import SamplingParams
 from .tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
+
+
+TokenLogprob = tuple[float, list[tuple[int, float]]]  # (sampled token's logprob, top alternatives, descending)
 
 
 @dataclass(eq=False)
@@ -61,6 +64,8 @@ class Request:
     embeds: torch.Tensor | None = None  # [T_prompt, C] prompt embeddings with the images spliced in, once needed
     decoder: StreamDecoder | None = None  # output ids -> text, incrementally
     output_ids: list[int] = field(default_factory=list)
+    # with params.logprobs: per output id, (its logprob, [(id, logprob)] of the params.logprobs most likely)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `visible_text` already streamed
     finish_reason: str | None = None  # "eos" | "stop" | "length" | "error" | "aborted"
@@ -127,6 +132,7 @@ class Engine:
         self._inflight: tuple[list[Request], PendingTokens] | None = None  # the last decode launch, not yet read
         self._inflight_rows: dict[int, int] = {}  # request id -> its row in that launch
         self._in_step: list[Request] = []  # requests the current step touches: failed if it raises
+        self.peak_batch = 0  # the most requests one step has produced tokens for
 
     # the scheduler's queues, settings and counters, as the engine's
     waiting = property(lambda self: self.scheduler.waiting)
@@ -202,6 +208,13 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def stats(self) -> dict[str, int]:
+        """Counts for monitoring (engine thread: read it through EngineLoop.call)."""
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "kv_pages_used": self.pool.num_pages - self.pool.num_free, "kv_pages_total": self.pool.num_pages,
+                "prefix_cache_hits": self.prefix_hits, "prefix_cache_hit_tokens": self.prefix_hit_tokens,
+                "preemptions": self.preemptions, "peak_batch": self.peak_batch}
 
     def run(self) -> None:
         """Step until every request has finished."""
@@ -288,7 +301,7 @@ class Engine:
         logits = self.model.forward(torch.cat([embeds[id(c)] for c in kept]), batch, self.pool, rows=rows_out)
         reqs = [kept[i].req for i in sampled]
         if reqs:
-            self._append_tokens(reqs, self._sample(reqs, logits))
+            self._append_tokens(reqs, *self._sample(reqs, logits))
 
     def _decode(self, rows: list[Chunk]) -> None:
         """Launch one decode step of the planned rows, then read the previous launch's tokens."""
@@ -301,7 +314,7 @@ class Engine:
             source = {"prev_row": row} if row is not None else {"token": r.output_ids[-1]}
             step.set_row(i, position=c.start, slot=c.slots[0], pages=r.seq.pages,
                          temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=r.seed, **source)
-        pending = self.graphs.launch(step)
+        pending = self.graphs.launch(step, logprobs=any(r.params.logprobs is not None for r in reqs))
         self._drain()  # the previous launch's tokens, while this one runs
         self._inflight, self._inflight_rows = (reqs, pending), {r.id: i for i, r in enumerate(reqs)}
 
@@ -312,10 +325,11 @@ class Engine:
         (reqs, pending) = self._inflight
         tokens = pending.result()  # an exception here leaves the launch in flight: _fail_step fails its requests
         self._inflight, self._inflight_rows = None, {}
-        self._append_tokens(reqs, tokens)
+        self._append_tokens(reqs, tokens, pending.logprobs())
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
-        """logits: [S, V] fp32 of reqs' last tokens -> the token each draws (at position req.num_tokens)."""
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob] | None]:
+        """logits: [S, V] fp32 of reqs' last tokens -> the token each draws (at position req.num_tokens), and
+        each row's logprobs when some request wants them (else None)."""
         dev = logits.device
         temperature = [r.params.temperature for r in reqs]
         top_k, top_p = [r.params.top_k for r in reqs], [r.params.top_p for r in reqs]
@@ -325,7 +339,11 @@ class Engine:
                                torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
                                torch.tensor([r.num_tokens for r in reqs], dtype=torch.int64, device=dev),
                                sampler_kind(temperature, top_k, top_p))
-        return tokens.tolist()
+        k = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
+        if k is None:
+            return tokens.tolist(), None
+        values, ids = (t.tolist() for t in token_logprobs(logits, tokens, k))
+        return tokens.tolist(), [(v[0], list(zip(i, v[1:]))) for v, i in zip(values, ids)]
 
     # --- step inputs and outputs --------------------------------------------------------------------------
 
@@ -368,20 +386,26 @@ class Engine:
             no_prefix=no_prefix,
         )
 
-    def _append_tokens(self, reqs: list[Request], tokens: list[int]) -> None:
+    def _append_tokens(self, reqs: list[Request], tokens: list[int],
+                       logprobs: list[TokenLogprob] | None = None) -> None:
         eos = self.tokenizer.eos_token_id
-        for req, token in zip(reqs, tokens):
+        self.peak_batch = max(self.peak_batch, len(reqs))
+        for i, (req, token) in enumerate(zip(reqs, tokens)):
             if req.finished:  # stopped while this token was in flight
                 continue
             try:  # detokenizing and stop strings are the request's own: a failure there fails it alone
-                self._append_token(req, token, eos)
+                self._append_token(req, token, eos, None if logprobs is None else logprobs[i])
             except Exception as error:  # noqa: BLE001
                 self.fail(req, error)
 
-    def _append_token(self, req: Request, token: int, eos: int) -> None:
+    def _append_token(self, req: Request, token: int, eos: int, logprob: TokenLogprob | None = None) -> None:
         if token == eos and not req.params.ignore_eos:
             self._finish(req, "eos")
             return
+        if req.params.logprobs is not None:  # before the token: a reader who sees the token sees its logprob
+            if logprob is None:
+                raise RuntimeError(f"request {req.id} asked for logprobs but the step computed none")
+            req.logprobs.append((logprob[0], logprob[1][: req.params.logprobs]))
         req.output_ids.append(token)
         searched = len(req.text)
         req.text += req.decoder.push(token)

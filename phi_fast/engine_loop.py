@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
@@ -37,6 +37,15 @@ from .engine import Engine, Request
 log = logging.getLogger(__name__)
 
 TEXT, DONE = "text", "done"  # event kinds: a text delta; the request finished (see handle.request.finish_reason)
+
+
+class Event(NamedTuple):
+    """What a handle's queue holds. num_tokens: len(request.output_ids) when it was published; output_ids and
+    request.logprobs are append-only, so their first num_tokens entries may be read from any thread."""
+
+    kind: str  # TEXT or DONE
+    text: str  # the text delta ("" for DONE)
+    num_tokens: int
 
 
 class EngineLoopClosed(RuntimeError):
@@ -50,7 +59,7 @@ class RequestHandle:
         self.request = request  # read its fields only once done() is True (the engine thread owns it until then)
         self._loop = loop
         self._on_update = on_update
-        self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._done = threading.Event()
         self._text = ""  # the final answer, set on the engine thread before the DONE event
 
@@ -63,14 +72,14 @@ class RequestHandle:
         if not self._done.is_set():
             self._loop._send("abort", self, strict=False)
 
-    def get(self, timeout: float | None = None) -> tuple[str, str]:
-        """The next event, waiting at most `timeout` seconds: (TEXT, piece) or (DONE, "") (TimeoutError)."""
+    def get(self, timeout: float | None = None) -> Event:
+        """The next event, waiting at most `timeout` seconds: (TEXT, piece, n) or (DONE, "", n) (TimeoutError)."""
         try:
             return self._events.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"request {self.request.id}: no result within {timeout} s") from None
 
-    def poll(self) -> list[tuple[str, str]]:
+    def poll(self) -> list[Event]:
         """Every event queued so far, without waiting."""
         events = []
         while True:
@@ -85,7 +94,7 @@ class RequestHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
-                kind, piece = self.get(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                kind, piece, _ = self.get(None if deadline is None else max(0.0, deadline - time.monotonic()))
                 if kind == DONE:
                     self._raise_error()
                     return
@@ -111,10 +120,10 @@ class RequestHandle:
         req = self.request
         piece = req.take_new_text()
         if piece:
-            self._events.put((TEXT, piece))
+            self._events.put(Event(TEXT, piece, len(req.output_ids)))
         if req.finished:
             self._text = req.visible_text()
-            self._events.put((DONE, ""))
+            self._events.put(Event(DONE, "", len(req.output_ids)))
             self._done.set()
         if piece or req.finished:
             self._notify()
@@ -139,6 +148,7 @@ class EngineLoop:
         self._lock = threading.Lock()  # orders _send against close
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._queued = 0  # requests submitted whose command the engine thread has not applied yet
 
     # --- any thread ---------------------------------------------------------------------------------------
 
@@ -176,6 +186,12 @@ class EngineLoop:
     def closed(self) -> bool:
         return self._closed
 
+    def load(self) -> tuple[int, int]:
+        """(requests not running yet: submitted or waiting, requests running), read at once from any thread without
+        waiting for the engine thread (a snapshot, for admission control; exact between steps)."""
+        engine = self.engine
+        return self._queued + len(engine.waiting), len(engine.running)
+
     def _send(self, kind: str, payload: Any, strict: bool = True) -> None:
         with self._lock:
             if self._closed:
@@ -185,6 +201,8 @@ class EngineLoop:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
+            if kind == "submit":
+                self._queued += len(payload)
             self._commands.put((kind, payload))
 
     # --- engine thread ------------------------------------------------------------------------------------
@@ -224,6 +242,8 @@ class EngineLoop:
 
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "submit":
+            with self._lock:
+                self._queued -= len(payload)
             for handle in payload:
                 self._handles[handle.request.id] = handle
                 try:

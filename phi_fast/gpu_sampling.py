@@ -147,3 +147,16 @@ def keep_mask(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torc
     kept = in_top_k & ((before < p) | (p >= 1.0))  # a prefix, at least rank 0 (top_p > 0)
     last = kept.sum(dim=-1, keepdim=True) - 1  # [S, 1]
     return z >= ordered.gather(1, last)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities as OpenAI and vLLM report them: log_softmax of the raw logits (before temperature,
+    top-k and top-p). Tensor ops only (runs inside a captured graph).
+
+    logits: fp32 [S, V]; tokens: int64 [S] (the sampled ones); k: alternatives per row (<= V) ->
+    values fp32 [S, 1 + k] (the sampled token's logprob, then the k largest, descending) and ids int64 [S, k].
+    """
+    logp = torch.log_softmax(logits, dim=-1)  # [S, V]
+    top = torch.topk(logp, k, dim=-1)  # sorted, descending
+    sampled = logp.gather(1, tokens.unsqueeze(1))  # [S, 1]
+    return torch.cat((sampled, top.values), dim=1), top.indices

@@ -7,6 +7,7 @@ import numbers
 from dataclasses import dataclass, field
 
 MAX_TOP_K = 2**31 - 1  # anything above the vocabulary keeps every token; the bound keeps it an int64 on device
+MAX_LOGPROBS = 20  # most top alternatives a request may ask for per token (OpenAI's top_logprobs bound)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+    logprobs: int | None = None  # None: off; k in [0, MAX_LOGPROBS]: each token's logprob and the k most likely
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the values once, here
@@ -41,6 +43,8 @@ class SamplingParams:
         set_(self, "stop", check_stop(self.stop))
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            set_(self, "logprobs", _int("logprobs", self.logprobs, 0, MAX_LOGPROBS))
 
 
 def check_stop(stop: object) -> tuple[str, ...]:

@@ -118,6 +118,19 @@ def _byte_level_bpe(folder: Path) -> tokenizers.Tokenizer:
     return tok
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's scheme): the printable Latin-1 bytes stand for
+    themselves, the other 68 bytes for the code points 256, 257, ... in byte order. Character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(extra)})
+    return table
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer of a checkpoint folder: encode without BOS, decode, EOS id, streaming decode."""
 
@@ -175,6 +188,17 @@ class Tokenizer:
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a token may hold part of a UTF-8 character; logprobs report these);
+        b"" for an id the model's vocabulary has but the tokenizer does not (its padding rows)."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        try:
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        except KeyError:  # an added token (e.g. a whitespace run) is stored as plain text
+            return piece.encode("utf-8")
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         """A StreamDecoder for one generated sequence."""

@@ -88,6 +88,34 @@ def _engine_alone(ckpt, n: int, steps: int, device: str = "cpu") -> list[list[in
     return outs
 
 
+def _one_launch(model: phi_fast.Model, runner: DecodeGraphRunner, reqs, logprobs: bool):
+    """One decode launch for every request (inputs from the host) -> its PendingTokens; the requests aborted."""
+    step = runner.new_step(len(reqs))
+    for i, r in enumerate(reqs):
+        slot = r.seq.reserve(model.engine.pool, 1)[0]
+        p = r.params
+        step.set_row(i, position=r.seq.length - 1, slot=slot, pages=r.seq.pages, token=r.output_ids[-1],
+                     temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed or 0)
+    pending = runner.launch(step, logprobs=logprobs)
+    pending.result()
+    for r in reqs:
+        model.engine.abort(r)
+    return pending
+
+
+def _check_logprobs(pending, k: int) -> None:
+    """Each row's logprobs are log_softmax of its logits: the sampled token's, then the k largest."""
+    logp = torch.log_softmax(pending.logits.float().cpu(), dim=-1)
+    for row, (token, (value, top)) in enumerate(zip(pending.result(), pending.logprobs())):
+        assert value == pytest.approx(logp[row, token].item(), abs=1e-5)
+        expected = torch.topk(logp[row], k)
+        assert [i for i, _ in top] == expected.indices.tolist()
+        assert [v for _, v in top] == pytest.approx(expected.values.tolist(), abs=1e-5)
+
+
+SAMPLED = [SamplingParams(max_new_tokens=64, temperature=0.9, seed=s, ignore_eos=True) for s in (3, 4)] + [GREEDY]
+
+
 # --- CPU: everything but the capture --------------------------------------------------------------------------
 
 def test_buckets_are_powers_of_two_up_to_the_first_holding_max_num_seqs():
@@ -256,3 +284,41 @@ def test_eager_capture_takes_every_bucket_and_kind_and_does_not_touch_the_cache(
     assert runner.captured == [(b, k) for b in (1, 2, 4) for k in ("filtered", "greedy", "sample")]
     assert runner.graph_memory > 0
     assert all(torch.equal(a, b) for a, b in zip(before, pool.key_caches))
+
+
+def test_logprob_launches_report_log_softmax_and_draw_the_same_tokens(ckpt):
+    model = phi_fast.load(ckpt, progress=False)
+    runner = DecodeGraphRunner(model.llava, model.engine.pool, max_num_seqs=4, keep_logits=True)
+
+    def prefilled():
+        reqs = [_add(model, i, p) for i, p in enumerate(SAMPLED)]
+        while model.engine.waiting:
+            model.engine.step()
+        return reqs
+
+    with_logprobs = _one_launch(model, runner, prefilled(), logprobs=True)
+    without = _one_launch(model, runner, prefilled(), logprobs=False)
+    assert without.logprobs() is None
+    assert with_logprobs.result() == without.result()
+    assert runner.logprob_k == 20
+    _check_logprobs(with_logprobs, runner.logprob_k)
+
+
+@pytest.mark.cuda
+def test_graph_logprobs_equal_eager_logprobs(cuda_model):
+    model = cuda_model
+    results = []
+    for use_graphs in (True, False):
+        runner = DecodeGraphRunner(model.llava, model.engine.pool, max_num_seqs=4, keep_logits=True,
+                                   use_graphs=use_graphs)
+        reqs = [_add(model, i, p) for i, p in enumerate(SAMPLED)]
+        while model.engine.waiting:
+            model.engine.step()
+        pending = _one_launch(model, runner, reqs, logprobs=True)
+        _check_logprobs(pending, runner.logprob_k)
+        results.append((pending.result(), pending.logprobs()))
+        if use_graphs:
+            assert runner.captured == [(4, "filtered+logprobs")]
+    assert results[0][0] == results[1][0]
+    for (v0, top0), (v1, top1) in zip(results[0][1], results[1][1]):
+        assert v0 == pytest.approx(v1, abs=1e-4) and [i for i, _ in top0] == [i for i, _ in top1]

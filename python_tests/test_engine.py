@@ -109,6 +109,7 @@ def test_small_pool_completes_everything_through_preemption(ckpt, alone):
         for r in reqs:
             streamed[r.id] += r.take_new_text()
     assert preempted > 0, "the pool was meant to be too small for all requests at once"
+    assert model.engine.stats()["preemptions"] == preempted
     assert [r.output_ids for r in reqs] == alone
     for r in reqs:  # streamed text: nothing lost, nothing repeated
         assert streamed[r.id] == model.tokenizer.decode(r.output_ids).strip()
@@ -167,6 +168,9 @@ def test_later_question_about_the_same_image_reuses_its_cached_pages(ckpt, alone
     model.engine.step()  # prefill
     assert image_pages & set(second.seq.pages), "the second question should start from the cached pages"
     assert not encodes, "the image's rows are all cached: CLIP must not run again"
+    stats = model.engine.stats()  # one hit: the common prefix (system prompt, image rows), not the last token
+    common = next(i for i, (a, b) in enumerate(zip(second.keys, first.keys)) if a != b)
+    assert (stats["prefix_cache_hits"], stats["prefix_cache_hit_tokens"]) == (1, common)
     third = model.engine.add(*_request(model, 1, image_seed=4), params)  # another image: encoded
     model.engine.run()
     assert len(encodes) == 1 and third.finished and third.error is None
@@ -216,3 +220,45 @@ def test_pool_refcounts_and_copy_on_write():
     a.free(pool)
     b.free(pool)
     assert pool.num_free == 4
+
+
+def test_submit_takes_raw_text_or_messages_and_n_seeds(ckpt):
+    model = phi_fast.load(ckpt, progress=False)
+    image = random_image(2)
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=5)
+    messages = [{"role": "user", "content": "<image>\n" + QUESTIONS[0]}]
+    handles = model.submit(messages, [image], params, n=3)
+    answers = [h.result(60) for h in handles]
+    for i, answer in enumerate(answers):  # choice i: seed + i, as generate draws it
+        assert answer == model.generate(image, QUESTIONS[0], max_new_tokens=12, temperature=0.9, seed=5 + i)
+    raw = model.submit(build_prompt(QUESTIONS[0], with_image=True), [image], params)[0]
+    assert raw.result(60) == answers[0]  # the template applied by hand: the same prompt
+    assert model.engine.stats()["prefix_cache_hits"] >= 2  # the n answers share the prompt's pages
+    with pytest.raises(ValueError, match="n must be"):
+        model.submit(messages, [image], params, n=0)
+    with pytest.raises(ValueError, match="1 <image> markers but 0 images"):
+        model.submit(messages, [], params)
+    with pytest.raises(ValueError, match="last message must be a user message"):
+        model.submit([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    model.close()
+
+
+def test_logprobs_follow_the_output_through_preemption(ckpt):
+    model = phi_fast.load(ckpt, progress=False)
+    t = model.config.text
+    page_bytes = PagePool.page_bytes(t.num_layers, t.num_heads, t.head_dim, 16, torch.float32)
+    model = phi_fast.load(ckpt, progress=False, cache_memory=12 * page_bytes)
+    params = SamplingParams(max_new_tokens=24, logprobs=2, ignore_eos=True)
+    reqs = [model.engine.add(*_request(model, i), params) for i in range(5)]
+    model.engine.run()
+    assert model.engine.stats()["preemptions"] > 0
+    for r in reqs:  # one entry per output token, the sampled token at most as likely as the top one
+        assert len(r.logprobs) == len(r.output_ids) == 24
+        assert all(len(top) == 2 and value <= top[0][1] + 1e-5 for value, top in r.logprobs)
+
+
+@pytest.mark.parametrize("bad", [-1, 21, 1.5, True, "3"])
+def test_logprobs_parameter_is_checked(bad):
+    with pytest.raises(ValueError, match="logprobs must be"):
+        SamplingParams(logprobs=bad)
+    assert SamplingParams(logprobs=0).logprobs == 0 and SamplingParams().logprobs is None

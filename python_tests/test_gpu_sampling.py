@@ -243,3 +243,17 @@ def test_sampling_inside_a_cuda_graph_equals_eager(kind):
         eager_inputs[5].fill_(step)
         graph.replay()
         assert torch.equal(out, sample_tokens(*eager_inputs, kind=kind))
+
+
+def test_token_logprobs_are_log_softmax_before_any_filter():
+    from phi_fast.gpu_sampling import token_logprobs
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 4  # [S, V]
+    tokens = torch.tensor([0, 17, 49])
+    values, ids = token_logprobs(logits, tokens, 5)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    assert values.shape == (3, 6) and ids.shape == (3, 5) and ids.dtype == torch.int64
+    torch.testing.assert_close(values[:, 0].double(), logp.gather(1, tokens[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+    top = torch.topk(logp, 5)
+    assert torch.equal(ids, top.indices)
+    torch.testing.assert_close(values[:, 1:].double(), top.values, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phi_fast.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt
+from phi_fast.prompt import IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, build_prompt, chat_prompt, tokenize_prompt
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions.")
@@ -93,3 +93,27 @@ def test_marker_count_must_match_images(tok):
     with pytest.raises(ValueError, match="0 <image> markers but 1 images"):
         tokenize_prompt(tok, build_prompt("Hi", with_image=False), num_images=1)
     assert IMAGE_TOKEN_INDEX not in tokenize_prompt(tok, build_prompt("Hi", with_image=False), num_images=0)
+
+
+def test_chat_messages_map_onto_the_template():
+    user = {"role": "user", "content": "<image>\nWhat is it?"}
+    assert chat_prompt([user]) == build_prompt("What is it?", with_image=True)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Be kind."}, user,
+                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Colour?"},
+                {"role": "user", "content": "And size?"}]
+    assert chat_prompt(messages) == build_prompt([("<image>\nWhat is it?", "A cat."), ("Colour?\nAnd size?", None)],
+                                                 system="Be brief.\nBe kind.")
+    assert SYSTEM_PROMPT not in chat_prompt(messages)  # a system message replaces the default
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "non-empty"),
+    ([{"role": "robot", "content": "x"}], r"messages\[0\].role"),
+    ([{"role": "user", "content": 3}], r"messages\[0\].content must be a str"),
+    ([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], "start with a user"),
+    ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], "before the first user"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "last message"),
+])
+def test_bad_chat_messages_are_named(messages, match):
+    with pytest.raises(ValueError, match=match):
+        chat_prompt(messages)

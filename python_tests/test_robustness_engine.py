@@ -320,7 +320,7 @@ def test_handles_serve_asyncio_through_on_update(ckpt, alone):
         while True:
             await asyncio.wait_for(wake.wait(), WAIT)
             wake.clear()
-            for kind, piece in handle.poll():
+            for kind, piece, _ in handle.poll():
                 if kind == "done":
                     assert text.strip() == handle.result(timeout=0) == alone[i]
                     return text
