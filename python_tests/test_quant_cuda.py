@@ -62,7 +62,8 @@ def _poison_next_alloc(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """On CUDA, leaves a freed NaN-filled block of the output's size for the op's torch.empty (on the CPU the
     target fixture has every new tensor NaN-filled)."""
     if DEV == "cuda":
-        torch.full((math.prod(shape) * torch.finfo(dtype).bits // 8,), 0xFF, dtype=torch.uint8, device=DEV)  # freed at once
+        # freed at once, back into the allocator's cache
+        torch.full((math.prod(shape) * torch.finfo(dtype).bits // 8,), 0xFF, dtype=torch.uint8, device=DEV)
 
 
 def _check(x: torch.Tensor, w: QuantizedWeight, b: torch.Tensor | None, what: str) -> None:

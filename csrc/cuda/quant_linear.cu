@@ -104,6 +104,12 @@ __device__ __forceinline__ void load_x(const T* row, int64_t k0, int j, int64_t 
   }
 }
 
+// Bytes of chunk c that hold weights: all 16 for int4 (rows are whole runs), the rest of the row for int8's last.
+template <QuantFormat F>
+__device__ __forceinline__ int chunk_bytes(int64_t row_bytes, int64_t c) {
+  return F == QuantFormat::int4 || row_bytes - c * 16 >= 16 ? 16 : static_cast<int>(row_bytes - c * 16);
+}
+
 struct GemvArgs {
   const uint8_t* qweight;  // [N, row_bytes]
   const float* scales;     // int8 [N]; int4 [N, groups]
@@ -141,7 +147,7 @@ __global__ void __launch_bounds__(kMaxThreads) quant_linear_kernel(T* __restrict
     for (int r = 0; r < kRows; ++r) {
       const int64_t n = n0 + r < a.N ? n0 + r : a.N - 1;  // past N: a valid row, result dropped
       const uint8_t* p = a.qweight + n * a.row_bytes + c * 16;
-      const int valid = F == QuantFormat::int4 ? 16 : static_cast<int>(a.row_bytes - c * 16 < 16 ? a.row_bytes - c * 16 : 16);
+      const int valid = chunk_bytes<F>(a.row_bytes, c);
       load_chunk(p, a.weight_vec && valid == 16, valid, words[r]);
       scale[r] = F == QuantFormat::int4 ? a.scales[n * a.groups + (c >> a.chunk_group_shift)] : row_scale[r];
     }
@@ -208,7 +214,7 @@ __global__ void __launch_bounds__(kMaxThreads) dequantize_kernel(D* __restrict__
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = idx / chunks, c = idx - r * chunks;
     const int64_t n = a.n0 + r, k0 = c * Fmt::kWeights;
-    const int valid = F == QuantFormat::int4 ? 16 : static_cast<int>(a.row_bytes - c * 16 < 16 ? a.row_bytes - c * 16 : 16);
+    const int valid = chunk_bytes<F>(a.row_bytes, c);
     uint32_t words[4];
     load_chunk(a.qweight + n * a.row_bytes + c * 16, a.weight_vec && valid == 16, valid, words);
     const float scale = F == QuantFormat::int4 ? a.scales[n * a.groups + (c >> a.chunk_group_shift)] : a.scales[n];
@@ -261,7 +267,7 @@ int64_t row_bytes(const QuantWeight& w) {
 template <typename T, QuantFormat F, int MT>
 void launch_gemv(T* out, const T* x, const T* bias, const GemvArgs& a, cudaStream_t stream) {
   const int64_t chunks = ceil_div(a.K, Format<F>::kWeights);
-  const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, ceil_div(chunks, 32) * 32)));
+  const int threads = static_cast<int>(std::clamp<int64_t>(ceil_div(chunks, 32) * 32, 32, kMaxThreads));
   const dim3 grid(static_cast<unsigned>(ceil_div(a.N, kRows)));
   launch_kernel(quant_linear_kernel<T, F, MT>, grid, dim3(threads), 0, stream, out, x, bias, a);
 }
