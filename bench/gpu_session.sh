@@ -22,7 +22,7 @@ case "${1:-all}" in
         -k "not 2048" 2>&1 | tail -40 | tee "$OUT/memcheck.log"
     fi ;;&
   bench|all)
-    for suite in norm activation rotary_cache attention patch_embed gemm; do
+    for suite in norm activation rotary_cache attention patch_embed gemm quant_linear; do
       $PY -m bench.kernels.$suite --out "$OUT" 2>&1 | tail -30
     done
     $PY -m bench.e2e --out "$OUT" 2>&1 | tail -40 ;;

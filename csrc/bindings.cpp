@@ -24,7 +24,7 @@ constexpr bool kWithCuda = true;
 constexpr bool kWithCuda = false;
 #endif
 
-#ifndef PHI_FAST_SIM  // the sim backend mirrors CUDA, which has no quantized kernels yet
+#ifndef PHI_FAST_SIM  // the sim backend runs CUDA kernels: no CPU paths to report
 // The CPU kernel paths chosen at run time (CPU features and the PHI_FAST_CPU_* switches).
 py::dict cpu_features() {
   py::dict d;
@@ -75,13 +75,13 @@ PYBIND11_MODULE(PHI_FAST_MODULE, m) {
         py::arg("eps"));
   m.def("linear", &linear, "out = x @ weight^T + bias (bias may be None). x: [M, K]; weight: [N, K] -> [M, N].",
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
-#ifndef PHI_FAST_SIM
   m.def("quant_linear", &quant_linear,
         "out = x @ dequantize(qweight, scales)^T + bias. x: [M, K]; qweight: int8 [N, K] or packed int4 uint8 "
         "[N, Kp / 2]; scales: fp32 [N] or [N, Kp / G] -> [M, N].",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("bias") = py::none());
   m.def("dequantize", &dequantize, "int8 / packed int4 weights -> fp32 [N, in_features].", py::arg("qweight"),
         py::arg("scales"), py::arg("in_features"));
+#ifndef PHI_FAST_SIM
   m.def("cpu_features", &cpu_features, "The CPU paths this process takes: {'avx2', 'avx512', 'native_bf16'}.");
 #endif
   m.def("has_cuda", [] { return kWithCuda; }, "Whether the CUDA kernels were compiled in.");

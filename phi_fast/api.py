@@ -101,7 +101,8 @@ class Model:
         model's vocabulary, bad engine settings) raises ValueError here, before the weights are read.
         quantize: "int8" or "int4" packs the Phi-2 linears and the projector at load time, tensor by tensor
         (phi_fast.quant; int4 in groups of group_size inputs); a checkpoint written by `save` from a quantized
-        model loads quantized without it. CPU only for now: CUDA raises NotImplementedError.
+        model loads quantized without it. On CUDA too (W8A16 / W4A16 kernels); the packing runs on the CPU
+        as each tensor is read, so the checkpoint's bits are the same wherever it is loaded or saved.
         """
         path = Path(path)
         device = _check_device(device)
@@ -110,7 +111,7 @@ class Model:
         config = load_config(path)
         tokenizer = Tokenizer.from_dir(path)
         _check_supported(config, tokenizer, path)
-        quant = _quant_config(path, quantize, group_size, device)
+        quant = _quant_config(path, quantize, group_size)
         if quant is not None and read_quant_config(path) is not None:
             weights = load_quantized_weights(path, config, quant, dtype=dtype, device=device, progress=progress)
         elif quant is not None:
@@ -422,17 +423,13 @@ def _check_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch
     return dtype
 
 
-def _quant_config(path: Path, quantize: str | None, group_size: int, device: torch.device) -> QuantConfig | None:
+def _quant_config(path: Path, quantize: str | None, group_size: int) -> QuantConfig | None:
     """The quantization to load with: the checkpoint's own (a saved quantized model), else quantize=."""
     saved = read_quant_config(path)
     if saved is not None and quantize is not None and quantize != saved.format:
         raise ValueError(f"{path} holds {saved.format} weights; load it with quantize=None or {saved.format!r}, "
                          f"not {quantize!r}")
-    quant = saved if saved is not None else (None if quantize is None else QuantConfig(quantize, group_size))
-    if quant is not None and device.type == "cuda":
-        raise NotImplementedError(f"quantize={quant.format!r}: int8/int4 weights have no CUDA kernels yet (issue 14, "
-                                  f"CUDA part); load on device='cpu' or without quantize=")
-    return quant
+    return saved if saved is not None else (None if quantize is None else QuantConfig(quantize, group_size))
 
 
 def _quantize_to(tensor: torch.Tensor, quant: QuantConfig, device: torch.device) -> QuantizedWeight:

@@ -131,7 +131,7 @@ def add_load_options(parser: argparse.ArgumentParser, *, model: bool = True) -> 
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                        help="weights and activations (default: float32 on cpu, bfloat16 on cuda)")
     group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                       help="pack the language model's linear weights at load time (CPU only for now)")
+                       help="pack the language model's linear weights at load time (int8 per channel, int4 in groups)")
     group.add_argument("--token-budget", type=_int_at_least(1), default=None, metavar="N",
                        help="tokens one engine step computes at most: running answers first, then chunks of new "
                             "prompts (default: 512 on cpu, 4096 on cuda)")
