@@ -137,7 +137,7 @@ def measure(case: Case, iters: int, device: str = "cuda") -> dict[str, object]:
     if case.bytes_moved:
         record["gbps"] = round(case.bytes_moved / us / 1e3, 1)
     else:
-        record["tflops"] = round(case.flops / us / 1e6, 2)
+        record["tflops"] = round(case.flops / us / 1e6, 4)
     record.update(baseline=case.baseline, baseline_us=round(baseline_us, 2), speedup=round(baseline_us / us, 2))
     return record
 
