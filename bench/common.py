@@ -8,6 +8,9 @@ writes bench/results/<suite>-<gpu>-<date>.json (fields of design.md section 6) a
 Timing: warm-up calls, then `iters` launches each bracketed by CUDA events, median in microseconds; for
 decode-sized work (`flush_l2`) the L2 cache is overwritten before every launch, outside the timed region.
 Ceilings: a large device-to-device copy (GB/s, read + write) and a large bf16 matmul (TFLOP/s).
+A suite whose make_cases takes a device may also run on the CPU (`--device cpu`, the default without a GPU):
+wall-clock medians with ours and the baseline interleaved call by call (a shared machine's load hits both),
+ceilings a 256 MiB memcpy and an fp32 2048^3 matmul (fp32_tflops), file <suite>-cpu-<date>.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,15 +103,41 @@ def git_commit() -> str:
         return "unknown"
 
 
-def measure(case: Case, iters: int) -> dict[str, object]:
+def time_us_cpu(fns: list[Callable[[], object]], iters: int, warmup: int = 2) -> list[float]:
+    """Median wall-clock microseconds of each of fns on the CPU, called in turn `iters` times (interleaved)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(iters):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - start) * 1e6)
+    return [statistics.median(t) for t in times]
+
+
+def measure_ceilings_cpu(iters: int = 10) -> dict[str, float]:
+    """copy_gbps: a 256 MiB memcpy (read + write); fp32_tflops: a 2048^3 fp32 matmul."""
+    n, m = 1 << 28, 2048
+    src, dst = torch.ones(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+    a, b = torch.randn(m, m), torch.randn(m, m)
+    copy_us, mm_us = time_us_cpu([lambda: dst.copy_(src), lambda: a @ b], iters)
+    return {"copy_gbps": round(2 * n / copy_us / 1e3, 1), "fp32_tflops": round(2 * m**3 / mm_us / 1e6, 3)}
+
+
+def measure(case: Case, iters: int, device: str = "cuda") -> dict[str, object]:
     """Times a case and its baseline; returns the result record of design.md section 6."""
-    us = time_us(case.fn, iters, flush_l2=case.flush_l2)
-    baseline_us = time_us(case.baseline_fn, iters, flush_l2=case.flush_l2)
+    if device == "cpu":
+        us, baseline_us = time_us_cpu([case.fn, case.baseline_fn], iters)
+    else:
+        us = time_us(case.fn, iters, flush_l2=case.flush_l2)
+        baseline_us = time_us(case.baseline_fn, iters, flush_l2=case.flush_l2)
     record: dict[str, object] = {"name": case.name, "shape": case.shape, "dtype": case.dtype, "us": round(us, 2)}
     if case.bytes_moved:
         record["gbps"] = round(case.bytes_moved / us / 1e3, 1)
     else:
-        record["tflops"] = round(case.flops / us / 1e6, 2)
+        record["tflops"] = round(case.flops / us / 1e6, 4)
     record.update(baseline=case.baseline, baseline_us=round(baseline_us, 2), speedup=round(baseline_us / us, 2))
     return record
 
@@ -117,43 +147,55 @@ def markdown(report: dict[str, object]) -> str:
     ceilings = report["ceilings"]
     lines = [f"# {report['suite']} on {report['gpu']} ({report['date']}, commit {report['commit']}, "
              f"torch {report['torch']}, CUDA {report['cuda']})", "",
-             f"Ceilings: copy {ceilings['copy_gbps']} GB/s, bf16 matmul {ceilings['bf16_tflops']} TFLOP/s.", "",
+             "Ceilings: " + ", ".join(f"{k} {v}" for k, v in ceilings.items()) + ".", "",
              "| name | shape | dtype | us | throughput | % ceiling | baseline | baseline us | speedup |",
              "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in report["results"]:
         if "gbps" in r:
             rate, pct = f"{r['gbps']} GB/s", 100 * r["gbps"] / ceilings["copy_gbps"]
         else:
-            rate, pct = f"{r['tflops']} TFLOP/s", 100 * r["tflops"] / ceilings["bf16_tflops"]
+            peak = ceilings.get("bf16_tflops") or ceilings["fp32_tflops"]
+            rate, pct = f"{r['tflops']} TFLOP/s", 100 * r["tflops"] / peak
         lines.append(f"| {r['name']} | {r['shape']} | {r['dtype']} | {r['us']} | {rate} | {pct:.0f}% | "
                      f"{r['baseline']} | {r['baseline_us']} | {r['speedup']}x |")
     return "\n".join(lines) + "\n"
 
 
-def run_suite(suite: str, make_cases: Callable[[], list[Case]], argv: list[str] | None = None) -> dict[str, object]:
-    """Command-line entry of a suite: measures ceilings and cases, writes <out>/<suite>-<gpu>-<date>.{json,md}."""
+def run_suite(suite: str, make_cases: Callable[..., list[Case]], argv: list[str] | None = None,
+              cpu: bool = False) -> dict[str, object]:
+    """Command-line entry of a suite: measures ceilings and cases, writes <out>/<suite>-<gpu>-<date>.{json,md}.
+    With cpu=True, make_cases(device) is called with "cuda" or "cpu" (--device)."""
     parser = argparse.ArgumentParser(prog=f"python -m bench.kernels.{suite.removeprefix('kernels-')}",
                                      description=f"phi_fast kernel benchmark: {suite}")
-    parser.add_argument("--iters", type=int, default=100, help="timed launches per measurement (median)")
+    parser.add_argument("--iters", type=int, default=None, help="timed launches per measurement (median; "
+                        "default 100 on a GPU, 10 on the CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files")
+    if cpu:
+        parser.add_argument("--device", choices=("cuda", "cpu"),
+                            default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    device = args.device if cpu else "cuda"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"{suite}: needs a CUDA GPU (torch {torch.__version__} sees none)")
+    iters = args.iters or (100 if device == "cuda" else 10)
     torch.backends.cuda.matmul.allow_tf32 = False
-    ceilings = measure_ceilings()
+    ceilings = measure_ceilings() if device == "cuda" else measure_ceilings_cpu()
     log.info("ceilings: %s", ceilings)
     results = []
-    for case in make_cases():
-        record = measure(case, args.iters)
+    for case in (make_cases(device) if cpu else make_cases()):
+        record = measure(case, iters, device)
         log.info("%s", record)
         results.append(record)
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     date = datetime.date.today().isoformat()
-    report = {"suite": suite, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    report = {"suite": suite, "gpu": machine, "torch": torch.__version__,
               "cuda": torch.version.cuda, "commit": git_commit(), "date": date, "ceilings": ceilings,
               "results": results}
-    write_report(args.out / f"{suite}-{gpu_slug()}-{date}", report, markdown(report))
+    slug = gpu_slug() if device == "cuda" else "cpu"
+    write_report(args.out / f"{suite}-{slug}-{date}", report, markdown(report))
     return report
 
 

@@ -255,6 +255,10 @@ PAGED_CASES = {  # name: (seq_lens, q_lens)
     "decode": ([1, 15, 16, 17, 31, 32, 33, 100], [1] * 8),
     "prefix": ([17, 40, 16, 5, 33], [17, 3, 1, 5, 16]),  # q_len == seq_len (no prefix) and q_len < seq_len
     "empty_query": ([20, 7], [0, 2]),
+    # a mixed step: every chunk size over every prefix length (chunk 1: a decode row), and an idle sequence
+    "mixed": ([p + c for p in (0, 1, 15, 16, 17) for c in (1, 15, 16, 17, 64)] + [9],
+              [c for _ in range(5) for c in (1, 15, 16, 17, 64)] + [0]),
+    "long": ([600 + 577, 35 + 600, 600 + 32, 601], [577, 600, 32, 1]),  # prompt-sized chunks and a decode row
 }
 
 

@@ -254,10 +254,10 @@ def test_prefill_attention_model_shapes(dtype, tokens, heads, head_dim, causal):
     _check_attention(out, ref, plain, dtype, f"prefill_attention {tokens} x {heads} x {head_dim}")
 
 
-def _paged_inputs(seq_lens, q_lens, heads, head_dim, dtype, page_size=16, seed=30):
+def _paged_inputs(seq_lens, q_lens, heads, head_dim, dtype, page_size=16, seed=30, pad=8):
     """A shuffled paged cache holding every sequence; unused slots and pages are NaN, so a kernel that reads
-    past a sequence's length or outside its pages produces NaN. Returns q, caches, block_table, seq_lens,
-    cu_seqlens_q."""
+    past a sequence's length or outside its pages produces NaN. q is a strided view (row pad `pad`: 8 keeps its
+    rows 16-byte aligned). Returns q, caches, block_table, seq_lens, cu_seqlens_q."""
     pages_needed = [(n + page_size - 1) // page_size for n in seq_lens]
     num_pages = sum(pages_needed) + 2
     order = torch.randperm(num_pages, generator=_gen(seed), device=DEV).to(torch.int32)
@@ -276,7 +276,7 @@ def _paged_inputs(seq_lens, q_lens, heads, head_dim, dtype, page_size=16, seed=3
     kc[nan_page] = float("nan")
     vc[nan_page] = float("nan")
     tokens = sum(q_lens)
-    q = _qkv(tokens, heads, head_dim, 8, dtype, seed=seed + 3)[:, 0]  # strided q, as out of the QKV GEMM
+    q = _qkv(tokens, heads, head_dim, pad, dtype, seed=seed + 3)[:, 0]  # strided q, as out of the QKV GEMM
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
     return q, kc, vc, table, lens, _cu(q_lens)
 
@@ -309,6 +309,52 @@ def test_paged_attention(dtype, head_dim, seq_lens, q_lens, heads):
     ref = reference.paged_attention(q.float(), kc.float(), vc.float(), table, lens, cu, scale)
     plain = _paged_plain(q, kc, vc, table, lens, cu, scale)
     _check_attention(out, ref, plain, dtype, f"paged_attention {seq_lens} / {q_lens}")
+
+
+def _check_paged(seq_lens, q_lens, heads, head_dim, dtype, page_size=16, pad=8, seed=30):
+    q, kc, vc, table, lens, cu = _paged_inputs(seq_lens, q_lens, heads, head_dim, dtype, page_size, seed, pad)
+    scale = head_dim ** -0.5
+    _poison_next_alloc(((q.shape[0], heads, head_dim), dtype))
+    out = ops.paged_attention(q, kc, vc, table, lens, cu, scale, backend=BACKEND)
+    ref = reference.paged_attention(q.float(), kc.float(), vc.float(), table, lens, cu, scale)
+    plain = _paged_plain(q, kc, vc, table, lens, cu, scale)
+    _check_attention(out, ref, plain, dtype, f"paged_attention {seq_lens} / {q_lens}")
+
+
+CHUNKS = [1, 15, 16, 17, 64]  # queries of a prompt chunk (1: a decode row)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [80, 64])
+@pytest.mark.parametrize("prefix", [0, 1, 15, 16, 17])
+def test_paged_attention_mixed_step(dtype, head_dim, prefix):
+    """A mixed step: chunks of every size over a cached prefix (tensor-core path for 16-bit dtypes), decode rows
+    (rows path) and an idle sequence, in one call over shuffled pages."""
+    seq_lens = [prefix + c for c in CHUNKS] + [40, 5]
+    q_lens = CHUNKS + [1, 0]
+    _check_paged(seq_lens, q_lens, _sized(4, 2), head_dim, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [80, 64])
+def test_paged_attention_long_chunks(dtype, head_dim):
+    """Prompt-sized chunks: 577 queries over 600 cached tokens (ten query tiles, the last ragged), a 600-token
+    prompt after the 35-token system prefix, 32 queries after 600; with decode rows. Under the emulator: bf16,
+    head_dim 80 and one head only."""
+    if BACKEND == "sim" and (dtype != torch.bfloat16 or head_dim != 80):
+        pytest.skip("the emulator runs the long chunks in bf16 x 80 only")
+    seq_lens, q_lens = [600 + 577, 35 + 600, 600 + 32, 601], [577, 600, 32, 1]
+    _check_paged(seq_lens, q_lens, _sized(8, 1), head_dim, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_paged_attention_mixed_step_fallbacks(dtype, page_size):
+    """Page size 32 on the tensor-core path, and q rows that are not 16-byte aligned (the whole call stays on
+    the rows path)."""
+    seq_lens, q_lens = [17 + 64, 33 + 15, 31, 2], [64, 15, 1, 2]
+    _check_paged(seq_lens, q_lens, 2, 80, dtype, page_size=page_size)
+    _check_paged(seq_lens, q_lens, 2, 80, dtype, page_size=page_size, pad=3)
 
 
 def test_paged_attention_page_size_32():

@@ -35,11 +35,26 @@ int64_t paged_attention_workspace_bytes(int64_t num_seqs, int64_t num_tokens, in
 // max_pages_per_seq] with row stride block_table_stride; seq_lens: int32 [num_seqs];
 // cu_seqlens_q: int32 [num_seqs + 1]; workspace: workspace_bytes (>= paged_attention_workspace_bytes) of
 // device scratch, may be null when that is 0.
+// Sequences with q_len 1 take the CUDA-core rows kernel (split-K); when T > S, those with q_len >= 2 (prompt
+// chunks over a cached prefix) take the tensor-core kernel of paged_prefill_attention in a second launch
+// (16-bit dtypes with aligned rows; otherwise the rows kernel does every query). Decode-only calls (T == S)
+// launch exactly the rows kernel (+ the split combine): the same launches in and out of CUDA graphs.
 void paged_attention(void* out, const void* q, int64_t q_token_stride, int64_t q_head_stride,
                      const void* key_cache, const void* value_cache, const int32_t* block_table,
                      int64_t block_table_stride, const int32_t* seq_lens, const int32_t* cu_seqlens_q,
                      int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t head_dim, int64_t page_size,
                      int64_t max_pages_per_seq, float scale, DType dtype, void* workspace,
                      int64_t workspace_bytes, void* stream);
+
+// The tensor-core part of paged_attention (called by it; csrc/cuda/attention_prefill.cu): the same math and
+// arguments, for the sequences with q_len >= 2 only (rows of q_len-1 sequences are left untouched).
+// Needs paged_prefill_supported (16-bit dtype, out, q, caches 16-byte aligned, q strides multiples of 8).
+bool paged_prefill_supported(const void* out, const void* q, int64_t q_token_stride, int64_t q_head_stride,
+                             const void* key_cache, const void* value_cache, DType dtype);
+void paged_prefill_attention(void* out, const void* q, int64_t q_token_stride, int64_t q_head_stride,
+                             const void* key_cache, const void* value_cache, const int32_t* block_table,
+                             int64_t block_table_stride, const int32_t* seq_lens, const int32_t* cu_seqlens_q,
+                             int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t head_dim,
+                             int64_t page_size, float scale, DType dtype, void* stream);
 
 }  // namespace phi_fast::cuda

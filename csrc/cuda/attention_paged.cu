@@ -1,6 +1,10 @@
 // paged_attention: causal attention of new queries over the paged KV cache (decode is one query per sequence),
 // flash-decoding style. Launchers declared in csrc/cuda/attention.h; the attention kernel itself is
 // attend_rows_kernel (csrc/cuda/attention_rows.cuh) with the PagedKeys policy.
+// A call with query chunks (q_len >= 2; only possible when T > S) also launches the tensor-core flash kernel
+// of csrc/cuda/attention_prefill.cu for them, after the rows kernel, which then takes only the q_len-1 queries
+// (a mixed step: decode rows + prompt chunks over cached prefixes). fp32 or unaligned inputs keep every query on
+// the rows kernel.
 //
 // Split-K: when T * H blocks do not fill the GPU, each query's keys are cut into num_splits chunks handled by
 // separate blocks, whose partial (o, m, l) go to the caller's workspace; combine_splits_kernel then computes
@@ -36,10 +40,12 @@ int64_t split_bytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim, int
 
 template <typename T>
 __global__ void combine_splits_kernel(T* __restrict__ out, const float* __restrict__ partial_o,
-                                      const float* __restrict__ partial_ml, int num_splits, int head_dim) {
+                                      const float* __restrict__ partial_ml, int num_splits, int head_dim,
+                                      int num_heads, PagedKeys keys) {
   const int64_t row = blockIdx.x;  // t * H + h
   const int d = threadIdx.x;
   if (d >= head_dim) return;
+  if (keys.single_only && keys.locate(row / num_heads).seq < 0) return;  // a row of the tensor-core kernel
   const float* ml = partial_ml + row * num_splits * 2;
   float m_max = -INFINITY;
   for (int i = 0; i < num_splits; ++i) m_max = fmaxf(m_max, ml[2 * i]);
@@ -76,9 +82,13 @@ void paged_attention(void* out, const void* q, int64_t q_token_stride, int64_t q
     --splits;  // a smaller workspace than paged_attention_workspace_bytes asked for: split less
   }
   const cudaStream_t s = as_stream(stream);
+  // Query chunks (q_len >= 2) go to the tensor-core kernel when the dtype and alignment allow it. Only a call
+  // with more tokens than sequences can hold one: decode-only calls (T == S) launch exactly what they always did.
+  const bool chunks = num_tokens > num_seqs &&
+                      paged_prefill_supported(out, q, q_token_stride, q_head_stride, key_cache, value_cache, dtype);
   const int64_t cache_row = num_heads * head_dim;  // a cache row (one slot) is [H, D]
   const PagedKeys keys{block_table, block_table_stride, seq_lens, cu_seqlens_q, static_cast<int>(num_seqs),
-                       static_cast<int>(page_size)};
+                       static_cast<int>(page_size), chunks};
   float* partial_o = splits > 1 ? static_cast<float*>(workspace) : nullptr;
   float* partial_ml = splits > 1 ? partial_o + num_tokens * num_heads * splits * head_dim : nullptr;
   dispatch_dtype(dtype, [&](auto tag) {
@@ -103,9 +113,14 @@ void paged_attention(void* out, const void* q, int64_t q_token_stride, int64_t q
     if (splits > 1) {
       launch_kernel(combine_splits_kernel<T>, static_cast<unsigned>(num_tokens * num_heads), 128, 0, s,
                     static_cast<T*>(out), partial_o, partial_ml, static_cast<int>(splits),
-                    static_cast<int>(head_dim));
+                    static_cast<int>(head_dim), static_cast<int>(num_heads), keys);
     }
   });
+  if (chunks) {
+    paged_prefill_attention(out, q, q_token_stride, q_head_stride, key_cache, value_cache, block_table,
+                            block_table_stride, seq_lens, cu_seqlens_q, num_seqs, num_tokens, num_heads, head_dim,
+                            page_size, scale, dtype, stream);
+  }
 }
 
 }  // namespace phi_fast::cuda

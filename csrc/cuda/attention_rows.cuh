@@ -27,7 +27,8 @@ constexpr int kRowThreads = 128;
 constexpr int kRowWarps = kRowThreads / 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// The keys one query sees: `ctx` of them, key j of the sequence `seq` that starts at row `start`.
+// The keys one query sees: `ctx` of them, key j of the sequence `seq` that starts at row `start`; seq = -1: the
+// query is not this kernel's (its block exits without writing).
 struct KeyRange {
   int seq;
   int ctx;
@@ -53,7 +54,8 @@ __device__ __forceinline__ int find_sequence(const int32_t* cu, int num_seqs, in
 
 // Paged cache: queries of sequence s are its last q_len cached positions; query i of them sees
 // positions <= seq_lens[s] - q_len + i; position p lives in cache row
-// block_table[s, p / page_size] * page_size + p % page_size.
+// block_table[s, p / page_size] * page_size + p % page_size. With single_only, only the queries of q_len-1
+// sequences are this kernel's (a mixed call: the tensor-core kernel takes the others).
 struct PagedKeys {
   const int32_t* block_table;
   int64_t block_table_stride;
@@ -61,11 +63,13 @@ struct PagedKeys {
   const int32_t* cu_seqlens_q;
   int num_seqs;
   int page_size;
+  bool single_only;
 
   __device__ KeyRange locate(int64_t t) const {
     const int s = find_sequence(cu_seqlens_q, num_seqs, t);
     const int first = cu_seqlens_q[s];
     const int q_len = cu_seqlens_q[s + 1] - first;
+    if (single_only && q_len != 1) return {-1, 0, 0};
     return {s, seq_lens[s] - q_len + static_cast<int>(t - first) + 1, 0};
   }
 
@@ -127,6 +131,7 @@ __global__ void __launch_bounds__(kRowThreads) attend_rows_kernel(RowsParams<T> 
   const int warp = tid / 32;
 
   const KeyRange range = keys.locate(t);
+  if (range.seq < 0) return;  // the same for every thread of the block
   const int chunk = (range.ctx + p.num_splits - 1) / p.num_splits;
   const int k_lo = split * chunk;
   const int k_hi = min(range.ctx, k_lo + chunk);
