@@ -6,12 +6,15 @@
 // with the inner sums exact in int32 and the rest in fp32, rounded once to the dtype. The activation rounding is
 // the kernel's only departure from the reference (dequantize, then matmul); python_tests/test_quant_* measure it.
 // int4 weights enter the products as their stored nibbles q + 8 (unsigned, as the u8 x s8 instructions want);
-// the 8 * sum(qx) surplus is taken off with a per-lane correction precomputed with x.
-// Loop order: output rows kRows at a time; for each chunk of kChunk inputs the kRows rows are laid out in a small
-// byte buffer in the instruction's lane order (int4 nibbles unpacked), then every row of x is multiplied with it
-// (accumulators in a buffer between chunks), so each packed weight is read from memory once per call.
-// Paths (chosen at run time): VNNI (AVX512-VNNI dpbusd on 64 weights) when avx512::enabled() and the CPU has
-// it, else AVX2 (maddubs + madd on 32 weights), else portable loops with the same arithmetic.
+// the 8 * sum(qx) surplus is taken off with a per-lane term computed with x.
+// Paths (chosen at run time):
+// - VNNI (AVX512-VNNI, when avx512::enabled() and the CPU has it): dpbusd on 64 weights, each packed weight row
+//   loaded once per kMt rows of x and unpacked in registers, accumulators in registers over all of K (details at
+//   the kernels below);
+// - AVX2 (maddubs + madd on 32 weights) and the portable loops: for each chunk of kChunk inputs the kRows rows are
+//   laid out in a small byte buffer (int4 nibbles unpacked), then every row of x is multiplied with it
+//   (accumulators in a buffer between chunks).
+// Either way each packed weight is read from memory once per call (VNNI: again from L1 / L2 for every kMt rows).
 // dequantize_rows (the prompt path: fp32 tiles for torch's GEMM) unpacks to fp32 exactly: AVX-512, AVX2 or scalar.
 // Threads: N split into one contiguous range of kRows-row blocks per thread, only when the call is big enough to
 // pay for a team (kernel_utils.h).
