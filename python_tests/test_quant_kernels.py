@@ -166,6 +166,23 @@ def test_quant_linear_odd_sizes(cfg, dtype, k, n):
 
 @pytest.mark.usefixtures("nan_filled_outputs")
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_unit_tails_and_uneven_scales(cfg, dtype):
+    """K around the VNNI kernel's 64-input units (a last unit holding one int4 run, int8 tails of 1..63 bytes), N
+    around its 4-row blocks, M = 1, 2, 3. Every block of 32 inputs of x and every weight group sits at its own
+    magnitude (factors 1/4 .. 4), so a block or group scale applied to another block's lanes shows."""
+    for k in (31, 32, 63, 64, 65, 96, 97, 160, 191):
+        weight_level = 2.0 ** (torch.arange(k) // 32 % 5 - 2).float()
+        x_level = 2.0 ** -(torch.arange(k) // 32 % 3).float()
+        for n in (1, 4, 7):
+            w = quantize(_randn(n, k, seed=k * n) * weight_level / k ** 0.5, cfg)
+            for m in (1, 2, 3):
+                x = (_randn(m, k, seed=m + k) * x_level).to(dtype)
+                _check(x, w, _randn(n, dtype=dtype, seed=n) if m == 2 else None, f"M={m} K={k} N={n} {dtype} {cfg}")
+
+
+@pytest.mark.usefixtures("nan_filled_outputs")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quant_linear_every_m(cfg, dtype):
     """Every decode M (1..16, the kernel), then the tiled prefill path (17, 600) with N over several tiles."""
