@@ -1,5 +1,5 @@
-"""What the server tests share: a real uvicorn on 127.0.0.1 (ephemeral port) in a thread, serving a tiny model,
-and images as data: URLs."""
+"""What the server tests share: a real uvicorn on 127.0.0.1 (ephemeral port) in a thread, serving a tiny model
+(the module-scoped fixtures `ckpt`, `model`, `server`: import them into the test module), and images as data: URLs."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import threading
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from PIL import Image
 
 import phi_fast
 from phi_fast.serving import create_app
+
+from engine_fixtures import tiny_llava_phi
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny"
@@ -64,3 +67,21 @@ def image_message(image: Image.Image | None, text: str) -> dict[str, Any]:
         return {"role": "user", "content": text}
     return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
                                         {"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_llava_phi(tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    m = phi_fast.load(ckpt, progress=False)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with serve(model, max_body_bytes=2**20) as live:
+        yield live

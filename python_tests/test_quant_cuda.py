@@ -20,31 +20,22 @@ import torch
 from phi_fast import ops, reference
 from phi_fast.quant import QuantConfig, QuantizedWeight, quantize
 
+from cuda_targets import TARGETS, on_target
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-4, 1.6e-2)}  # (atol, rtol)
 CONFIGS = [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64), QuantConfig("int4", 128)]
 IDS = ["int8", "int4g32", "int4g64", "int4g128"]
 DEV = "cuda"
 BACKEND = "cpp"
-_HAS_CUDA = "cuda" in ops.available_backends()
 
 
-@pytest.fixture(autouse=True, params=[
-    pytest.param("cuda", marks=[pytest.mark.cuda,
-                                pytest.mark.skipif(not _HAS_CUDA, reason="needs a GPU and phi_fast._C built with CUDA")]),
-    pytest.param("sim_forward", marks=pytest.mark.cuda_sim),
-    pytest.param("sim_reverse", marks=pytest.mark.cuda_sim),
-])
+@pytest.fixture(autouse=True, params=TARGETS)
 def target(request, sim_order, nan_filled_outputs_cpu):
     """Runs the test on CUDA tensors with the compiled kernels, or on CPU tensors under the SIMT emulator."""
     global DEV, BACKEND
-    if request.param == "cuda":
-        DEV, BACKEND = "cuda", "cpp"
+    with on_target(request.param, sim_order, nan_filled_outputs_cpu) as (DEV, BACKEND):
         yield request.param
-    else:
-        DEV, BACKEND = "cpu", "sim"
-        with sim_order(request.param.removeprefix("sim_")), nan_filled_outputs_cpu():
-            yield request.param
     DEV, BACKEND = "cuda", "cpp"
 
 

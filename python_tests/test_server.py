@@ -14,34 +14,15 @@ import openai
 import pytest
 import torch
 
-import phi_fast
 from phi_fast.kv_cache import PagePool, SequencePages
 from phi_fast.model import StepBatch
 from phi_fast.prompt import build_prompt, tokenize_prompt
 from phi_fast.sampling import SamplingParams
 
-from engine_fixtures import random_image, tiny_llava_phi
-from server_fixtures import API_KEY, MODEL_NAME, image_message, serve
+from engine_fixtures import random_image
+from server_fixtures import API_KEY, MODEL_NAME, ckpt, image_message, model, server  # noqa: F401 (fixtures)
 
 QUESTION = "What is the cat doing?"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_llava_phi(tmp_path_factory.mktemp("server"))
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    m = phi_fast.load(ckpt, progress=False)
-    yield m
-    m.close()
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    with serve(model, max_body_bytes=2**20) as live:
-        yield live
 
 
 @pytest.fixture()

@@ -17,30 +17,12 @@ import pytest
 
 import phi_fast
 
-from engine_fixtures import random_image, tiny_llava_phi
+from engine_fixtures import random_image
 from package_under_test import child_env
-from server_fixtures import API_KEY, MODEL_NAME, image_message, serve
+from server_fixtures import API_KEY, MODEL_NAME, ckpt, image_message, model, serve, server  # noqa: F401 (fixtures)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}  # still running when the test acts on it
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_llava_phi(tmp_path_factory.mktemp("server_errors"))
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    m = phi_fast.load(ckpt, progress=False)
-    yield m
-    m.close()
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    with serve(model, max_body_bytes=2**20) as live:
-        yield live
 
 
 def _post(server, body, path="/v1/chat/completions", headers=AUTH, **kwargs) -> httpx.Response:
