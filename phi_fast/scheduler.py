@@ -5,7 +5,8 @@ first, oldest first, one token each; the rest of the budget goes to prompt chunk
 whose prompt is only partly computed (oldest first), then of waiting requests in arrival order (first come,
 first served: a request that cannot start blocks those behind it). A long prompt therefore takes several steps,
 and a decode never waits for a whole prompt. A chunk that is not its prompt's last ends on a page edge when that
-keeps at least half of it, so the pages it fills are whole (and a preempted request's surviving pages with them). Only a prompt's last chunk is sampled (`Chunk.sample`).
+keeps at least half of it, so the pages it fills are whole (and a preempted request's surviving pages with
+them). Only a prompt's last chunk is sampled (`Chunk.sample`).
 
 The scheduler also owns the pages' fate:
 - admission: at most `max_num_seqs` requests run; a prompt longer than the whole cache fails at once;
