@@ -10,10 +10,12 @@ Ctrl-C during an answer stops that answer (the turn is dropped); at the prompt i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
-from typing import TYPE_CHECKING, Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
 from .cli import USER_ERRORS, _one_line, add_load_options, add_sampling_options, load_model, sampling_params
 
@@ -47,14 +49,30 @@ def run_chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     if args.image is not None and not os.path.isfile(args.image):
         raise ValueError(f"--image {args.image}: " + ("is a folder" if os.path.isdir(args.image) else "no such file"))
-    model = load_model(args)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        try:
-            importlib.import_module("readline")  # once imported, input() has line editing and history
-        except ImportError:
-            pass
-    return ChatRepl(model, params, args.image, interactive=interactive).run()
+    with _sigint_only_in_this_thread():
+        model = load_model(args)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            try:
+                importlib.import_module("readline")  # once imported, input() has line editing and history
+            except ImportError:
+                pass
+        repl = ChatRepl(model, params, args.image, interactive=interactive)
+    return repl.run()
+
+
+@contextlib.contextmanager
+def _sigint_only_in_this_thread() -> Iterator[None]:
+    """Threads started inside (tqdm's monitor, torch's worker pool) never take SIGINT. Ctrl-C at the prompt must
+    reach the main thread: readline waits for input in a select() that only a signal to its own thread wakes."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class ChatRepl:

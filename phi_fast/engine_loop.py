@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import threading
 import time
 from concurrent.futures import Future
@@ -208,6 +209,8 @@ class EngineLoop:
     # --- engine thread ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if hasattr(signal, "pthread_sigmask"):  # Ctrl-C is the main thread's (and so its workers'): a SIGINT taken
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # here would not wake a main thread in input()
         try:
             device = self.engine.model.device
             if device.type == "cuda":  # the current device is per thread: graphs and streams need the model's
