@@ -4,6 +4,11 @@ Loads the model once, binds the socket (a port in use fails before the model loa
 SIGTERM or SIGINT: uvicorn stops accepting connections and lets the requests in flight finish for up to
 --shutdown-timeout seconds (then cancels them, which aborts their engine requests); the engine loop is then
 closed and the command exits with status 0. Nothing here routes requests: that is all in the app.
+
+--ray serves the same app from Ray Serve replicas instead (phi_fast.serving.ray): it starts a local Ray instance,
+or joins the cluster at --ray-address, deploys, prints the URL and waits; SIGTERM or SIGINT then deletes the
+deployment (replicas finish their requests for up to --shutdown-timeout seconds) and, when this command started
+Ray, shuts Serve and Ray down.
 """
 
 from __future__ import annotations
@@ -52,6 +57,22 @@ def add_serve_parser(sub: Any, **kwargs: Any) -> None:
                        help="fetch http(s) images only from these hosts")
     media.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
                        help="allow image paths (file: URLs or plain paths) under DIR")
+    scale = p.add_argument_group("Ray Serve (--ray; needs the ray extra: pip install 'phi_fast[ray]')")
+    scale.add_argument("--ray", action="store_true", help="serve from Ray Serve replicas behind one endpoint")
+    scale.add_argument("--replicas", type=_int_at_least(1), default=None, metavar="N",
+                       help="a fixed number of replicas (default 1, unless --min/--max-replicas autoscale)")
+    scale.add_argument("--min-replicas", type=_int_at_least(0), default=None, metavar="A",
+                       help="autoscale on ongoing requests per replica, from A ...")
+    scale.add_argument("--max-replicas", type=_int_at_least(1), default=None, metavar="B", help="... to B replicas")
+    scale.add_argument("--target-ongoing-requests", type=_finite_float(0.0), default=None, metavar="N",
+                       help="autoscaling aims at this many ongoing requests per replica (default: half of "
+                            "--max-num-seqs + --max-waiting)")
+    scale.add_argument("--replica-cpus", type=_finite_float(0.0), default=1.0, metavar="N",
+                       help="CPUs Ray reserves for each replica (its torch threads on cpu); a cuda model also "
+                            "reserves one GPU per replica")
+    scale.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this Ray cluster (HOST:6379, or 'auto' for the one `ray start` runs here) "
+                            "instead of starting a local one")
     p.set_defaults(run=run_serve)
 
 
@@ -66,11 +87,14 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ImportError(f"phi_fast serve needs the serve extra: pip install 'phi_fast[serve]' ({error})") from None
     from .cli import load_model
 
+    _check_ray_options(args)
     api_key = args.api_key if args.api_key is not None else os.environ.get("PHI_FAST_API_KEY") or None
     if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
         raise ValueError(f"--allowed-local-media-path {args.allowed_local_media_path}: no such folder")
     policy = MediaPolicy(allow_remote=not args.no_remote_media, allowed_domains=args.allowed_media_domains,
                          allowed_local_path=args.allowed_local_media_path)
+    if args.ray:
+        return _run_ray(args, api_key, policy)
     sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
                                 else socket.AF_INET)
     try:
@@ -104,6 +128,84 @@ def _serve(server: Any, sock: socket.socket) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _check_ray_options(args: argparse.Namespace) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in ("replicas", "min_replicas", "max_replicas",
+                                                       "target_ongoing_requests", "ray_address")
+             if getattr(args, name) is not None]
+    if not args.ray and given:
+        raise ValueError(f"{given[0]} needs --ray")
+    autoscale = args.min_replicas is not None or args.max_replicas is not None
+    if args.replicas is not None and autoscale:
+        raise ValueError("--replicas is a fixed count: give it or --min-replicas/--max-replicas, not both")
+    if args.target_ongoing_requests is not None and not autoscale:
+        raise ValueError("--target-ongoing-requests needs --min-replicas/--max-replicas")
+    if autoscale and args.min_replicas is not None and args.max_replicas is not None \
+            and args.min_replicas > args.max_replicas:
+        raise ValueError(f"--min-replicas {args.min_replicas} is more than --max-replicas {args.max_replicas}")
+    if args.ray and args.replica_cpus <= 0:
+        raise ValueError(f"--replica-cpus must be > 0, got {args.replica_cpus:g}")
+
+
+def _run_ray(args: argparse.Namespace, api_key: str | None, policy: Any) -> int:
+    """Start or join Ray, deploy, wait for SIGTERM/SIGINT, then delete the deployment (and stop what we
+    started). A cluster we joined keeps running, with its other applications."""
+    import logging
+    import threading
+
+    try:
+        import ray
+        from ray import serve
+
+        from .serving import ray as ray_serving
+    except ImportError as error:
+        raise ImportError(f"phi_fast serve --ray needs the ray extra: pip install 'phi_fast[ray]' ({error})") \
+            from None
+    if not args.model.is_dir():
+        raise ValueError(f"--model {args.model}: no such folder")
+    autoscale = args.min_replicas is not None or args.max_replicas is not None
+    load_options = {"device": args.device, "dtype": args.dtype, "quantize": args.quantize,
+                    "token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs,
+                    "cache_memory": args.cache_memory}
+    app_options = {"api_key": api_key, "served_model_name": args.served_model_name,
+                   "max_waiting": args.max_waiting, "media_policy": policy}
+    application = ray_serving.build_app(
+        str(args.model.resolve()), load_options=load_options, app_options=app_options,
+        replicas=None if autoscale else (args.replicas or 1), min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
+        replica_cpus=args.replica_cpus, max_ongoing_requests=args.max_num_seqs + args.max_waiting,
+        shutdown_timeout_s=args.shutdown_timeout)
+    port = args.port or _free_port(args.host)
+    verbose = getattr(args, "verbose", False)
+    stop = threading.Event()
+    joined = args.ray_address is not None
+    ray.init(address=args.ray_address, logging_level=logging.INFO if verbose else logging.WARNING,
+             log_to_driver=verbose)
+    # after ray.init, which installs a SIGTERM handler of its own that exits at once
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        url = ray_serving.deploy(application, host=args.host, port=port)
+        name = args.served_model_name or args.model.resolve().name
+        print(f"phi_fast serve: {name} at {url} on Ray Serve (SIGTERM or Ctrl-C stops it)", file=sys.stderr,
+              flush=True)
+        while not stop.wait(1.0):  # a timed wait: signal handlers run between its waits
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:
+            serve.delete(ray_serving.APP_NAME)  # waits for the replicas to finish their requests
+            if not joined:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _free_port(host: str) -> int:
+    with socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        return s.getsockname()[1]
 
 
 def _cache_memory(text: str) -> int | float:
