@@ -15,7 +15,10 @@ and question, after one warm-up request. Reported per N:
 --transformers also starts `transformers serve` (its default settings: no continuous batching) on the same
 checkpoint folder and runs the rounds of --transformers-clients against it; it needs `accelerate`, which is not a
 phi_fast dependency (bench/NOTES.md: how it was run here). A stack that fails is reported under "not_measured".
-The load of the machine is recorded (load average before / after,
+--ray 1,2 also measures `phi_fast serve --ray` (a local Ray instance started by the command, one CPU and one
+torch thread per replica) with each of these replica counts at the same offered load (the rounds of --clients),
+and reports the throughput ratio to the first count and the per-replica efficiency (that ratio over the replica
+ratio); the result files are then serve_ray-*. The load of the machine is recorded (load average before / after,
 the share of the cores other processes kept busy). Writes bench/results/serve-cpu-<cores>core-<date>.{json,md}.
 """
 
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -147,16 +151,17 @@ async def one_request(client, model: str, question: str, url: str, max_tokens: i
     t0 = time.perf_counter()
     stamps: list[float] = []
     tokens = None
-    stream = await client.chat.completions.create(
+    raw = await client.chat.completions.with_raw_response.create(
         model=model, max_tokens=max_tokens, temperature=0.0, stream=True, stream_options={"include_usage": True},
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                {"type": "text", "text": question}]}])
-    async for chunk in stream:
+    async for chunk in raw.parse():
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-    return {"t0": t0, "stamps": stamps, "tokens": tokens if tokens is not None else len(stamps)}
+    return {"t0": t0, "stamps": stamps, "tokens": tokens if tokens is not None else len(stamps),
+            "replica": raw.headers.get("x-phi-fast-replica")}  # on Ray: the replica that answered
 
 
 async def round_(base_url: str, model: str, clients: int, per_client: int, max_tokens: int,
@@ -187,7 +192,8 @@ async def round_(base_url: str, model: str, clients: int, per_client: int, max_t
             "req_s": round(len(runs) / wall, 3), "tok_s": round(tokens / wall, 2), "output_tokens": tokens,
             "ttft_ms": {"p50": _ms(pct(ttft, 50)), "p99": _ms(pct(ttft, 99))},
             "itl_ms": {"p50": _ms(pct(itl, 50)), "p99": _ms(pct(itl, 99))},
-            "tpot_ms_p50": _ms(pct(tpot, 50)), "empty_answers": sum(1 for r in runs if not r["stamps"])}
+            "tpot_ms_p50": _ms(pct(tpot, 50)), "empty_answers": sum(1 for r in runs if not r["stamps"]),
+            "requests_per_replica": sorted(Counter(r["replica"] for r in runs if r["replica"]).values(), reverse=True)}
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -206,6 +212,32 @@ def start_phi_fast(folder: Path, port: int, threads: int, max_seqs: int, log_dir
                "--port", str(port), "--served-model-name", "bench", "--max-num-seqs", str(max_seqs),
                "--cache-memory", "1G"]  # 32 requests x ~330 tokens x 64 KiB a token: ~0.7 GiB
     return Server("phi_fast serve", command, port, env, log_dir / "phi_fast_serve.log")
+
+
+def start_phi_fast_ray(folder: Path, port: int, replicas: int, max_seqs: int, log_dir: Path) -> Server:
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "phi_fast", "serve", "--ray", "--replicas", str(replicas), "--replica-cpus", "1",
+               "--model", str(folder), "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench",
+               "--max-num-seqs", str(max_seqs), "--cache-memory", "1G"]
+    return Server(f"phi_fast serve --ray --replicas {replicas}", command, port, env,
+                  log_dir / f"phi_fast_ray_{replicas}.log")
+
+
+def scaling(results: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Per client count: each Ray replica count's throughput over the smallest count's, and per replica."""
+    rows = []
+    ray_runs = [r for r in results if r.get("replicas")]
+    for clients in sorted({r["clients"] for r in ray_runs}):
+        runs = sorted((r for r in ray_runs if r["clients"] == clients), key=lambda r: r["replicas"])
+        base = runs[0]
+        for r in runs[1:]:
+            ratio = r["tok_s"] / base["tok_s"] if base["tok_s"] else None
+            rows.append({"clients": clients, "replicas": f"{r['replicas']} vs {base['replicas']}",
+                         "throughput_ratio": None if ratio is None else round(ratio, 2),
+                         "per_replica_efficiency": None if ratio is None else
+                         round(ratio / (r["replicas"] / base["replicas"]), 2)})
+    return rows
 
 
 def start_transformers(folder: Path, port: int, threads: int, log_dir: Path) -> Server:
@@ -238,20 +270,28 @@ def others_share(start: tuple[float, float] | None, wall0: float) -> float | Non
 
 def markdown(report: dict[str, object]) -> str:
     dirty = f" + {len(report['uncommitted'])} uncommitted files" if report["uncommitted"] else ""
+    ray_note = ("; Ray's processes count among the others: they are not this process's children"
+                if any(r.get("replicas") for r in report["results"]) else "")
     lines = [f"# {report['suite']} on {report['gpu']} ({report['date']}, commit {report['commit']}{dirty}, "
              f"{report['threads']} threads)", "", f"Model: {report['model']}", "",
              f"Each client sends {report['requests_per_client']} streamed chat completions (one PNG data-URL image "
              f"+ a question, greedy, max_tokens {report['max_tokens']}) one after another, after one warm-up "
              f"request. Load average (1 min) before / after: {report['loadavg_1min']['before']} / "
              f"{report['loadavg_1min']['after']}; other processes kept {report['others_cpu_share']} of the cores "
-             f"busy during the run (0 = a quiet machine). Not measured on a GPU.", "",
+             f"busy during the run (0 = a quiet machine{ray_note}). Not measured on a GPU.", "",
              "| server | clients | requests | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
-             "ITL p99 ms | TPOT p50 ms |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "ITL p99 ms | TPOT p50 ms | requests per replica | load after |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in report["results"]:
         lines.append(f"| {r['name']} | {r['clients']} | {r['requests']} | {r['req_s']} | {r['tok_s']} | "
                      f"{r['ttft_ms']['p50']} | {r['ttft_ms']['p99']} | {r['itl_ms']['p50']} | {r['itl_ms']['p99']} | "
-                     f"{r['tpot_ms_p50']} |")
+                     f"{r['tpot_ms_p50']} | {'/'.join(map(str, r['requests_per_replica'])) or '-'} | "
+                     f"{r['loadavg_1min_after']} |")
+    if report.get("scaling"):
+        lines += ["", "| clients | replicas | output tok/s ratio | per-replica efficiency |",
+                  "| ---: | --- | ---: | ---: |"]
+        lines += [f"| {r['clients']} | {r['replicas']} | {r['throughput_ratio']} | {r['per_replica_efficiency']} |"
+                  for r in report["scaling"]]
     for name, why in report.get("not_measured", {}).items():
         lines += ["", f"{name}: not measured: {why}"]
     return "\n".join(lines) + "\n"
@@ -267,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--transformers", action="store_true", help="also measure `transformers serve`")
     parser.add_argument("--transformers-clients", default="1,8",
                         help="its numbers of clients (it answers one request at a time: 32 x 2 would take long)")
+    parser.add_argument("--ray", default=None, metavar="N,M",
+                        help="also measure `phi_fast serve --ray` with these replica counts (1 CPU each)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -282,11 +324,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         folder, logs = Path(tmp) / "model", Path(tmp)
         build_model(folder, args.vocab)
         stacks = [("phi_fast", lambda port: start_phi_fast(folder, port, args.threads, max(clients), logs), "bench",
-                   clients)]
+                   clients, None)]
+        for n in [int(c) for c in args.ray.split(",")] if args.ray else []:
+            stacks.append((f"phi_fast on Ray, {n} replica{'s' if n > 1 else ''}",
+                           lambda port, n=n: start_phi_fast_ray(folder, port, n, max(clients), logs), "bench", clients,
+                           n))
         if args.transformers:
             stacks.append(("transformers serve", lambda port: start_transformers(folder, port, args.threads, logs),
-                           str(folder), hf_clients))
-        for name, start, model_name, counts in stacks:
+                           str(folder), hf_clients, None))
+        for name, start, model_name, counts, replicas in stacks:
             port = free_port()
             server = start(port)
             try:
@@ -295,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                     record = asyncio.run(round_(f"http://127.0.0.1:{port}/v1", model_name, n, args.requests,
                                                 args.max_tokens, urls))
                     record["name"] = name
+                    record["replicas"] = replicas
+                    record["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
                     log.info("%s", record)
                     results.append(record)
             except Exception as error:  # noqa: BLE001 - a stack that cannot serve is reported, not fatal
@@ -304,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 server.stop()
     date = datetime.date.today().isoformat()
     t, v = TEXT, VISION
-    report = {"suite": "serve", "gpu": f"cpu-{os.cpu_count()}core", "torch": _torch_version(), "cuda": None,
+    report = {"suite": "serve_ray" if args.ray else "serve", "gpu": f"cpu-{os.cpu_count()}core",
+              "torch": _torch_version(), "cuda": None,
               "commit": commit, "uncommitted": uncommitted, "date": date, "threads": args.threads,
               "max_tokens": args.max_tokens, "requests_per_client": args.requests,
               "loadavg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
@@ -313,8 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         f"{t['intermediate_size']}, vocab {args.vocab}; CLIP {v['image_size']}px/{v['patch_size']}, "
                         f"hidden {v['hidden_size']}, {v['num_hidden_layers']} layers (bench/e2e_cpu.py's); random "
                         f"weights, fp32"),
-              "results": results, "not_measured": not_measured}
-    write_report(args.out / f"serve-{report['gpu']}-{date}", report, markdown(report))
+              "results": results, "scaling": scaling(results), "not_measured": not_measured}
+    write_report(args.out / f"{report['suite']}-{report['gpu']}-{date}", report, markdown(report))
     log.info("%s", markdown(report))
     return report
 

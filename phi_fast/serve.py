@@ -175,6 +175,7 @@ def _run_ray(args: argparse.Namespace, api_key: str | None, policy: Any) -> int:
         replicas=None if autoscale else (args.replicas or 1), min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
         replica_cpus=args.replica_cpus, max_ongoing_requests=args.max_num_seqs + args.max_waiting,
+        imbalance=args.max_num_seqs,
         shutdown_timeout_s=args.shutdown_timeout)
     port = args.port or _free_port(args.host)
     verbose = getattr(args, "verbose", False)

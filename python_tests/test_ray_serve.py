@@ -86,6 +86,30 @@ def test_ray_options_are_checked_before_anything_starts(ckpt, capsys, argv, name
     assert names in err and "Traceback" not in err
 
 
+# --- the routing decision ----------------------------------------------------------------------------------------
+
+
+@needs_ray
+def test_rank_replicas_keeps_an_image_on_its_replica_and_moves_only_a_gone_replicas_images():
+    from phi_fast.serving.ray import rank_replicas
+
+    replicas, keys, idle = ["a", "b", "c", "d"], [f"image{k}" for k in range(200)], {}
+    owner = {k: rank_replicas(replicas, k, None, idle, 64)[0] for k in keys}
+    assert all(len(o) == 1 for o in owner.values()) and {o[0] for o in owner.values()} == set(replicas)
+    assert all(rank_replicas(replicas, k, None, idle, 64) == [owner[k], [r for r in replicas if r not in owner[k]]]
+               for k in keys)
+    without_c = {k: rank_replicas(["a", "b", "d"], k, None, idle, 64)[0] for k in keys}
+    assert all(without_c[k] == owner[k] for k in keys if owner[k] != ["c"])
+    assert all(without_c[k] != ["c"] for k in keys)
+    key = keys[0]
+    busy = {owner[key][0]: 70}  # a batch (64) more than the others: the image's requests go to the least loaded
+    assert rank_replicas(replicas, key, None, busy, 64) == [replicas]
+    assert rank_replicas(replicas, key, None, {owner[key][0]: 64}, 64)[0] == owner[key]
+    assert rank_replicas(replicas, None, None, idle, 64) == [replicas]  # no image: the least loaded of all
+    assert rank_replicas(replicas, key, "b", idle, 64) == [["b"]]  # a named replica, while it is alive
+    assert rank_replicas(replicas, key, "gone", idle, 64)[0] == owner[key]
+
+
 # --- fixtures: one Ray instance, the deployment, images served over HTTP -----------------------------------------
 
 
@@ -168,6 +192,10 @@ def _chat_body(url: str | None, question: str = "What is the cat doing?", **kwar
                                             {"type": "text", "text": question}]
     return {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 16,
             "temperature": 0, **kwargs}
+
+
+def _image_of(body) -> str:
+    return body["messages"][0]["content"][0]["image_url"]["url"]
 
 
 def _post(base: str, body, headers=None, path="/chat/completions", **kwargs) -> httpx.Response:
@@ -275,7 +303,7 @@ def test_sixteen_concurrent_requests_equal_the_single_server(ray_url, server):
             assert (text, finish) == (alone.choices[0].message.content, alone.choices[0].finish_reason)
     for replica, urls in owned.items():
         for url in urls:
-            landed = {r for body, (r, _) in zip(bodies, answers) if body["messages"][0]["content"][0]["image_url"]["url"] == url}
+            landed = {r for body, (r, _) in zip(bodies, answers) if _image_of(body) == url}
             assert landed == {replica}, "requests about one image went to several replicas"
     assert {r for r, _ in answers} == set(owned), "both replicas answer"
 
@@ -346,15 +374,16 @@ def test_a_killed_replica_fails_its_requests_with_503_and_is_replaced(ray_url, s
     for t in threads:
         t.join(DEADLINE_S)
     for body, response in zip(bodies, results):
-        url = body["messages"][0]["content"][0]["image_url"]["url"]
+        url = _image_of(body)
         if url == doomed_url:
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "replica_died" and response.headers[HEADER] == doomed
             assert response.headers["retry-after"]
         else:
             assert response.headers[HEADER] == survivor
-            assert _answer(response) == _answer(_post(f"{server.url}/v1", _chat_body(
-                data_url(random_image(int(url.rsplit("/", 1)[1].split(".")[0]))), body["messages"][0]["content"][1]["text"])))
+            seed = int(url.rsplit("/", 1)[1].split(".")[0])  # the same pixels as a data: URL, for the single server
+            alone = _chat_body(data_url(random_image(seed)), body["messages"][0]["content"][1]["text"])
+            assert _answer(response) == _answer(_post(f"{server.url}/v1", alone))
 
     def replacement():
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)

@@ -122,31 +122,42 @@ class PhiFastReplica:
 
 class ImageAffinityRouter(RequestRouter):
     """Routes `PhiFastReplica.forward` calls: the replica a request names (`replica=`) when it is alive; else the
-    replica its image (`affinity=`) hashes to, then the least loaded of the others; else the least loaded."""
+    replica its image (`affinity=`) hashes to, unless that one already has `imbalance` more requests than the
+    least loaded (a hot image must not pile up on one replica); else, and after it, the least loaded."""
+
+    def initialize_state(self, imbalance: int = 64) -> None:
+        self.imbalance = imbalance
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         kwargs = pending_request.kwargs if pending_request is not None else {}
-        named = kwargs.get("replica")
-        if named:
-            chosen = [r for r in candidate_replicas if r.replica_id.unique_id == named]
-            if chosen:
-                return [chosen]
-        key = kwargs.get("affinity")
-        if key and len(candidate_replicas) > 1:
-            ranked = sorted(candidate_replicas, key=lambda r: _score(key, r.replica_id.unique_id), reverse=True)
-            return [ranked[:1], _least_loaded_pool(ranked[1:])]
-        return [_least_loaded_pool(candidate_replicas)]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        loads = {i: self.replica_queue_len_cache.get(r.replica_id) for i, r in by_id.items()}
+        ranks = rank_replicas(list(by_id), kwargs.get("affinity"), kwargs.get("replica"), loads,
+                              getattr(self, "imbalance", 64))
+        return [[by_id[i] for i in ids] for ids in ranks]
+
+
+def rank_replicas(replicas: list[str], key: str | None, named: str | None, loads: dict[str, int | None],
+                  imbalance: int) -> list[list[str]]:
+    """The routing decision over replica ids, best rank first (Ray takes the least loaded of the first rank that
+    has room). `loads`: each replica's queue length as last seen (None: not known, taken as no load)."""
+    if named in replicas:
+        return [[named]]
+    pool = replicas if len(replicas) <= LEAST_LOADED_SAMPLE else random.sample(replicas, 2)
+    if not key or len(replicas) < 2:
+        return [pool]
+    owner = max(replicas, key=lambda r: _score(key, r))
+    least = min((loads.get(r) or 0) for r in replicas)
+    if (loads.get(owner) or 0) - least > imbalance:
+        return [pool]
+    return [[owner], [r for r in pool if r != owner] or [r for r in replicas if r != owner]]
 
 
 def _score(key: str, replica: str) -> int:
-    """Rendezvous hashing: the replica with the highest score for a key owns it."""
+    """Rendezvous hashing: the replica with the highest score for a key owns it; when a replica goes, only the
+    keys it owned move (each to its own next best)."""
     return int.from_bytes(hashlib.blake2b(f"{key}|{replica}".encode(), digest_size=8).digest(), "big")
-
-
-def _least_loaded_pool(replicas: list[RunningReplica]) -> list[RunningReplica]:
-    """The replicas Ray compares queue lengths of (it takes the shortest): all of a few, two of many."""
-    return replicas if len(replicas) <= LEAST_LOADED_SAMPLE else random.sample(replicas, 2)
 
 
 def affinity_key(path: str, body: bytes) -> str | None:
@@ -253,7 +264,7 @@ def build_app(model_path: str, *, load_options: dict[str, Any] | None = None,
               app_options: dict[str, Any] | None = None, replicas: int | None = 1, min_replicas: int | None = None,
               max_replicas: int | None = None, target_ongoing_requests: float | None = None,
               replica_cpus: float = 1.0, num_gpus: float = 0.0, max_ongoing_requests: int = 320,
-              shutdown_timeout_s: float = 30.0) -> Any:
+              imbalance: int = 64, shutdown_timeout_s: float = 30.0) -> Any:
     """The Serve application (front + replicas) serving the checkpoint folder `model_path` (which every node
     must see at that path).
 
@@ -264,6 +275,8 @@ def build_app(model_path: str, *, load_options: dict[str, Any] | None = None,
     (also its torch threads on CPU); num_gpus: GPUs each replica reserves (1 for a CUDA model: Ray gives each
     replica its own). max_ongoing_requests: what Ray sends one replica at most (more wait in the router);
     default: the app's batch (64) plus its waiting queue (256), so the app's own 503 applies first.
+    imbalance: how many more requests than the least loaded replica an image's replica may have before that
+    image's requests go elsewhere (default: a batch of 64).
     """
     load_options, app_options = dict(load_options or {}), dict(app_options or {})
     autoscale = min_replicas is not None or max_replicas is not None
@@ -278,6 +291,8 @@ def build_app(model_path: str, *, load_options: dict[str, Any] | None = None,
         raise ValueError(f"replicas must be >= 1, got {replicas!r}")
     if replica_cpus <= 0:
         raise ValueError(f"replica_cpus must be > 0, got {replica_cpus!r}")
+    if imbalance < 0:
+        raise ValueError(f"imbalance must be >= 0, got {imbalance!r}")
     if target_ongoing_requests is not None and target_ongoing_requests <= 0:
         raise ValueError(f"target_ongoing_requests must be > 0, got {target_ongoing_requests!r}")
     device = str(load_options.get("device", "cpu"))
@@ -292,7 +307,8 @@ def build_app(model_path: str, *, load_options: dict[str, Any] | None = None,
     replica = serve.deployment(PhiFastReplica, name=REPLICA_NAME).options(
         ray_actor_options={"num_cpus": replica_cpus, "num_gpus": num_gpus}, max_ongoing_requests=max_ongoing_requests,
         graceful_shutdown_timeout_s=shutdown_timeout_s, health_check_timeout_s=HEALTH_TIMEOUT_S + 10,
-        request_router_config=RequestRouterConfig(request_router_class=ImageAffinityRouter), **scaling)
+        request_router_config=RequestRouterConfig(request_router_class=ImageAffinityRouter,
+                                                  request_router_kwargs={"imbalance": imbalance}), **scaling)
     front = serve.deployment(serve.ingress()(Front), name=FRONT_NAME).options(
         num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=FRONT_MAX_ONGOING,
         graceful_shutdown_timeout_s=shutdown_timeout_s)
