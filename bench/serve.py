@@ -16,9 +16,9 @@ and question, after one warm-up request. Reported per N:
 checkpoint folder and runs the rounds of --transformers-clients against it; it needs `accelerate`, which is not a
 phi_fast dependency (bench/NOTES.md: how it was run here). A stack that fails is reported under "not_measured".
 --ray 1,2 also measures `phi_fast serve --ray` (a local Ray instance started by the command, one CPU and one
-torch thread per replica) with each of these replica counts at the same offered load (the rounds of --clients),
-and reports the throughput ratio to the first count and the per-replica efficiency (that ratio over the replica
-ratio); the result files are then serve_ray-*. The load of the machine is recorded (load average before / after,
+torch thread per replica) with each of these replica counts at the same offered load (the rounds of --clients;
+`2/1`: 2 replicas with --affinity-imbalance 1), and reports each one's throughput over the first one's and the
+per-replica efficiency (that ratio over the replica ratio); the result files are then serve_ray-*. The load of the machine is recorded (load average before / after,
 the share of the cores other processes kept busy). Writes bench/results/serve-cpu-<cores>core-<date>.{json,md}.
 """
 
@@ -214,26 +214,29 @@ def start_phi_fast(folder: Path, port: int, threads: int, max_seqs: int, log_dir
     return Server("phi_fast serve", command, port, env, log_dir / "phi_fast_serve.log")
 
 
-def start_phi_fast_ray(folder: Path, port: int, replicas: int, max_seqs: int, log_dir: Path) -> Server:
+def start_phi_fast_ray(folder: Path, port: int, replicas: int, imbalance: int | None, max_seqs: int,
+                       log_dir: Path) -> Server:
     env = {**os.environ, "OMP_WAIT_POLICY": "passive",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "phi_fast", "serve", "--ray", "--replicas", str(replicas), "--replica-cpus", "1",
                "--model", str(folder), "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench",
                "--max-num-seqs", str(max_seqs), "--cache-memory", "1G"]
+    if imbalance is not None:
+        command += ["--affinity-imbalance", str(imbalance)]
     return Server(f"phi_fast serve --ray --replicas {replicas}", command, port, env,
-                  log_dir / f"phi_fast_ray_{replicas}.log")
+                  log_dir / f"phi_fast_ray_{replicas}_{imbalance}.log")
 
 
 def scaling(results: list[dict[str, object]]) -> list[dict[str, object]]:
-    """Per client count: each Ray replica count's throughput over the smallest count's, and per replica."""
+    """Per client count: each Ray run's throughput over the first Ray run's (the --ray list's first entry), and
+    that per replica."""
     rows = []
     ray_runs = [r for r in results if r.get("replicas")]
     for clients in sorted({r["clients"] for r in ray_runs}):
-        runs = sorted((r for r in ray_runs if r["clients"] == clients), key=lambda r: r["replicas"])
-        base = runs[0]
-        for r in runs[1:]:
+        base, *runs = [r for r in ray_runs if r["clients"] == clients]
+        for r in runs:
             ratio = r["tok_s"] / base["tok_s"] if base["tok_s"] else None
-            rows.append({"clients": clients, "replicas": f"{r['replicas']} vs {base['replicas']}",
+            rows.append({"clients": clients, "replicas": f"{r['name']} vs {base['replicas']}",
                          "throughput_ratio": None if ratio is None else round(ratio, 2),
                          "per_replica_efficiency": None if ratio is None else
                          round(ratio / (r["replicas"] / base["replicas"]), 2)})
@@ -307,8 +310,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--transformers", action="store_true", help="also measure `transformers serve`")
     parser.add_argument("--transformers-clients", default="1,8",
                         help="its numbers of clients (it answers one request at a time: 32 x 2 would take long)")
-    parser.add_argument("--ray", default=None, metavar="N,M",
-                        help="also measure `phi_fast serve --ray` with these replica counts (1 CPU each)")
+    parser.add_argument("--ray", default=None, metavar="N,M/K",
+                        help="also measure `phi_fast serve --ray` with these replica counts (1 CPU each); N/K: "
+                             "with --affinity-imbalance K")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -325,10 +329,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         build_model(folder, args.vocab)
         stacks = [("phi_fast", lambda port: start_phi_fast(folder, port, args.threads, max(clients), logs), "bench",
                    clients, None)]
-        for n in [int(c) for c in args.ray.split(",")] if args.ray else []:
-            stacks.append((f"phi_fast on Ray, {n} replica{'s' if n > 1 else ''}",
-                           lambda port, n=n: start_phi_fast_ray(folder, port, n, max(clients), logs), "bench", clients,
-                           n))
+        for spec in args.ray.split(",") if args.ray else []:
+            n, k = int(spec.split("/")[0]), int(spec.split("/")[1]) if "/" in spec else None
+            name = f"phi_fast on Ray, {n} replica{'s' if n > 1 else ''}" + ("" if k is None else f", imbalance {k}")
+            stacks.append((name, lambda port, n=n, k=k: start_phi_fast_ray(folder, port, n, k, max(clients), logs),
+                           "bench", clients, n))
         if args.transformers:
             stacks.append(("transformers serve", lambda port: start_transformers(folder, port, args.threads, logs),
                            str(folder), hf_clients, None))

@@ -70,6 +70,10 @@ def add_serve_parser(sub: Any, **kwargs: Any) -> None:
     scale.add_argument("--replica-cpus", type=_finite_float(0.0), default=1.0, metavar="N",
                        help="CPUs Ray reserves for each replica (its torch threads on cpu); a cuda model also "
                             "reserves one GPU per replica")
+    scale.add_argument("--affinity-imbalance", type=_int_at_least(0), default=None, metavar="N",
+                       help="an image's requests leave its replica once that has N more requests than the least "
+                            "loaded one (default: --max-num-seqs; on cpu, where every request costs compute, a "
+                            "small N balances better)")
     scale.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="join this Ray cluster (HOST:6379, or 'auto' for the one `ray start` runs here) "
                             "instead of starting a local one")
@@ -132,7 +136,8 @@ def _serve(server: Any, sock: socket.socket) -> None:
 
 def _check_ray_options(args: argparse.Namespace) -> None:
     given = [f"--{name.replace('_', '-')}" for name in ("replicas", "min_replicas", "max_replicas",
-                                                       "target_ongoing_requests", "ray_address")
+                                                       "target_ongoing_requests", "affinity_imbalance",
+                                                       "ray_address")
              if getattr(args, name) is not None]
     if not args.ray and given:
         raise ValueError(f"{given[0]} needs --ray")
@@ -162,8 +167,11 @@ def _run_ray(args: argparse.Namespace, api_key: str | None, policy: Any) -> int:
     except ImportError as error:
         raise ImportError(f"phi_fast serve --ray needs the ray extra: pip install 'phi_fast[ray]' ({error})") \
             from None
+    from .config import load_config
+
     if not args.model.is_dir():
         raise ValueError(f"--model {args.model}: no such folder")
+    load_config(args.model)  # a folder that is no checkpoint fails here, not in every replica Ray starts
     autoscale = args.min_replicas is not None or args.max_replicas is not None
     load_options = {"device": args.device, "dtype": args.dtype, "quantize": args.quantize,
                     "token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs,
@@ -175,7 +183,7 @@ def _run_ray(args: argparse.Namespace, api_key: str | None, policy: Any) -> int:
         replicas=None if autoscale else (args.replicas or 1), min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
         replica_cpus=args.replica_cpus, max_ongoing_requests=args.max_num_seqs + args.max_waiting,
-        imbalance=args.max_num_seqs,
+        imbalance=args.max_num_seqs if args.affinity_imbalance is None else args.affinity_imbalance,
         shutdown_timeout_s=args.shutdown_timeout)
     port = args.port or _free_port(args.host)
     verbose = getattr(args, "verbose", False)

@@ -13,6 +13,7 @@ import http.server
 import io
 import json
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -75,6 +76,7 @@ def test_serve_ray_without_ray_is_a_clear_error(ckpt):
 @pytest.mark.parametrize("argv, names", [
     (["--replicas", "2"], "--replicas needs --ray"),
     (["--ray-address", "auto"], "--ray-address needs --ray"),
+    (["--affinity-imbalance", "2"], "--affinity-imbalance needs --ray"),
     (["--ray", "--replicas", "2", "--max-replicas", "3"], "not both"),
     (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas 3 is more than --max-replicas 2"),
     (["--ray", "--replicas", "2", "--target-ongoing-requests", "4"], "--target-ongoing-requests needs"),
@@ -141,10 +143,11 @@ def ray_url(cluster, ckpt):
 
 class GatedImages:
     """PNG images over HTTP (/N.png: random_image(N)); while the gate is closed each fetch waits for it, so the
-    requests that name them are held mid-run inside their replica."""
+    requests that name them are held mid-run inside their replica. `abandoned` counts the fetches whose
+    connection was closed while they waited (their replica died, or gave up on the request)."""
 
     def __init__(self):
-        self.gate, self.lock, self.waiting = threading.Event(), threading.Lock(), 0
+        self.gate, self.lock, self.waiting, self.abandoned = threading.Event(), threading.Lock(), 0, 0
         self.gate.set()
         images = self
 
@@ -153,7 +156,12 @@ class GatedImages:
                 with images.lock:
                     images.waiting += 1
                 try:
-                    images.gate.wait(DEADLINE_S)
+                    deadline = time.monotonic() + DEADLINE_S
+                    while not images.gate.wait(POLL_S) and time.monotonic() < deadline:
+                        if _closed(self.connection):
+                            with images.lock:
+                                images.abandoned += 1
+                            return
                 finally:
                     with images.lock:
                         images.waiting -= 1
@@ -178,6 +186,16 @@ class GatedImages:
         self.gate.set()
         self.http.shutdown()
         self.http.server_close()
+
+
+def _closed(sock: socket.socket) -> bool:
+    """The peer closed the connection (a GET sends nothing more, so readable means closed)."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +365,28 @@ def test_each_replica_answers_its_metrics_and_health(ray_url):
         assert counted and float(counted[0].split()[-1]) >= 1
         health = httpx.get(f"{root}/health", headers={HEADER: replica}, timeout=60)
         assert (health.status_code, health.json(), health.headers[HEADER]) == (200, {"status": "ok"}, replica)
+
+
+@needs_ray
+def test_a_client_that_goes_away_lets_go_of_its_request_on_the_replica(ray_url, gated_images):
+    """A client disconnects while its request waits inside a replica (for its image): the proxy, the relay and
+    the replica let go of it (the replica abandons the image fetch) and the replica goes on answering."""
+    owned = _images_per_replica(ray_url, lambda seed: f"{gated_images.url}/{seed}.png", per_replica=1)
+    replica, [url] = next(iter(owned.items()))
+    body = json.dumps(_chat_body(url, max_tokens=200, ignore_eos=True)).encode()
+    address = httpx.URL(ray_url)
+    before = gated_images.abandoned
+    gated_images.gate.clear()
+    try:
+        with socket.create_connection((address.host, address.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            _wait_until(lambda: gated_images.waiting == 1, "the request to fetch its image")
+        _wait_until(lambda: gated_images.abandoned == before + 1, "the replica to let go of the request")
+    finally:
+        gated_images.gate.set()
+    response = _post(ray_url, _chat_body(None), {HEADER: replica})
+    assert response.status_code == 200 and response.headers[HEADER] == replica
 
 
 @needs_ray

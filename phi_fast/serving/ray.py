@@ -53,7 +53,9 @@ REPLICA_NAME = "PhiFastReplica"
 REPLICA_HEADER = "x-phi-fast-replica"
 FRONT_MAX_ONGOING = 10_000  # the front only relays bytes; the replicas' limits are what bound the work
 HEALTH_TIMEOUT_S = 30.0
-DISCONNECT_GRACE_S = 10.0  # after its client went away, how long a request's app task may take to unwind
+# After its client went away, how long a request's app task may take to notice (it does at once while it answers)
+# before it is cancelled: a request still fetching its image only notices when it is cancelled.
+DISCONNECT_GRACE_S = 5.0
 LEAST_LOADED_SAMPLE = 8  # over this many replicas, an unkeyed request compares two random ones, not all
 RETRY_AFTER_S = 1
 _SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "query_string",
@@ -203,10 +205,15 @@ class _Relay:
         named = headers.get(REPLICA_HEADER.encode(), b"").decode("latin-1") or None
         stream = self.replicas.forward.remote({k: scope[k] for k in _SCOPE_KEYS if k in scope}, body,
                                               affinity=affinity_key(scope["path"], body), replica=named)
+        answered = False
         try:
             await _unless_disconnected(receive, _relay(stream, send))
+            answered = True
         except ClientGone:
-            stream.cancel()  # the replica's app sees the disconnect and aborts the request's engine work
+            pass
+        finally:
+            if not answered:  # the client went away (or Serve cancelled us): the replica's app is told the
+                stream.cancel()  # client disconnected, which aborts the request's engine work
 
     async def _read_body(self, receive: Receive) -> bytes:
         """The body, cut one byte past the app's limit (the app then answers 413 as it does alone)."""
@@ -236,14 +243,23 @@ async def _relay(stream: Any, send: Send) -> None:
             await send(message)
     except (RayActorError, ActorUnavailableError) as error:
         log.warning("replica %s died answering a request: %s", replica or "(unknown)", type(error).__name__)
-        died = APIError(503, f"the replica {replica or '(unknown)'} answering this request died; retry it (Ray "
-                        "replaces the replica)", code="replica_died",
-                        headers={"Retry-After": str(RETRY_AFTER_S), REPLICA_HEADER: replica})
-        if not started:
-            await _error_response(died)({"type": "http"}, _no_receive, send)
-        else:  # the status is sent: end the body, an SSE stream with the error event the app itself would send
-            tail = (b"data: " + json.dumps(died.body()).encode() + b"\n\ndata: [DONE]\n\n") if sse else b""
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        await _fail(APIError(503, f"the replica {replica or '(unknown)'} answering this request died; retry it "
+                             "(Ray replaces the replica)", code="replica_died",
+                             headers={"Retry-After": str(RETRY_AFTER_S), REPLICA_HEADER: replica}), started, sse, send)
+    except Exception:  # noqa: BLE001 - a bug here, not the client's: logged, answered 500 as the app would
+        log.exception("relaying a request from replica %s failed", replica or "(unknown)")
+        await _fail(APIError(500, "internal server error (the details are in the server's log)",
+                             headers={REPLICA_HEADER: replica}), started, sse, send)
+
+
+async def _fail(error: APIError, started: bool, sse: bool, send: Send) -> None:
+    """Answer `error`; when the status is already sent, end the body instead (a stream with the error event and
+    `data: [DONE]`, as the app ends a stream whose request failed)."""
+    if not started:
+        await _error_response(error)({"type": "http"}, _no_receive, send)
+        return
+    tail = (b"data: " + json.dumps(error.body()).encode() + b"\n\ndata: [DONE]\n\n") if sse else b""
+    await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 async def _no_receive() -> Message:
