@@ -236,7 +236,7 @@ def scaling(results: list[dict[str, object]]) -> list[dict[str, object]]:
         base, *runs = [r for r in ray_runs if r["clients"] == clients]
         for r in runs:
             ratio = r["tok_s"] / base["tok_s"] if base["tok_s"] else None
-            rows.append({"clients": clients, "replicas": f"{r['name']} vs {base['replicas']}",
+            rows.append({"clients": clients, "compared": f"{r['name']} vs {base['name']}",
                          "throughput_ratio": None if ratio is None else round(ratio, 2),
                          "per_replica_efficiency": None if ratio is None else
                          round(ratio / (r["replicas"] / base["replicas"]), 2)})
@@ -291,9 +291,9 @@ def markdown(report: dict[str, object]) -> str:
                      f"{r['tpot_ms_p50']} | {'/'.join(map(str, r['requests_per_replica'])) or '-'} | "
                      f"{r['loadavg_1min_after']} |")
     if report.get("scaling"):
-        lines += ["", "| clients | replicas | output tok/s ratio | per-replica efficiency |",
+        lines += ["", "| clients | compared | output tok/s ratio | per-replica efficiency |",
                   "| ---: | --- | ---: | ---: |"]
-        lines += [f"| {r['clients']} | {r['replicas']} | {r['throughput_ratio']} | {r['per_replica_efficiency']} |"
+        lines += [f"| {r['clients']} | {r['compared']} | {r['throughput_ratio']} | {r['per_replica_efficiency']} |"
                   for r in report["scaling"]]
     for name, why in report.get("not_measured", {}).items():
         lines += ["", f"{name}: not measured: {why}"]

@@ -7,7 +7,8 @@ the body. The front reads the body, names the request's first image (a digest of
 image bytes), and hands the raw request to a replica through a deployment handle whose router
 (`ImageAffinityRouter`) sends one image to one replica: rendezvous hashing over the live replicas, so that a
 replica's prefix cache keeps that image's pages and only the images of a replica that goes away move. Requests
-without an image, and those whose replica is full (at max_ongoing_requests), go to the least loaded replica.
+without an image, and those whose replica is full (at max_ongoing_requests) or `imbalance` requests ahead of the
+least loaded, go to the least loaded replica.
 
 The front implements no route: it forwards the request's ASGI scope and body, and relays the ASGI messages the
 replica's `create_app` app sends back (the same bytes, SSE streams included), adding one header,
