@@ -117,13 +117,16 @@ def test_rank_replicas_keeps_an_image_on_its_replica_and_moves_only_a_gone_repli
 
 @pytest.fixture(scope="session")
 def cluster():
-    """A local Ray instance for the session (2 logical CPUs: one per replica; no dashboard), Serve's port."""
+    """A local Ray instance for the session (2 logical CPUs: one per replica; no dashboard): its address, Serve's
+    port, and the port of Ray's Prometheus metrics export (`ray start --metrics-export-port`)."""
     if ray is None:
         pytest.skip("needs ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    metrics_port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              runtime_env={"env_vars": {"PYTHONPATH": child_env()["PYTHONPATH"]}})
     try:
-        yield SimpleNamespace(address=ray.get_runtime_context().gcs_address, port=_free_port())
+        yield SimpleNamespace(address=ray.get_runtime_context().gcs_address, port=_free_port(),
+                              metrics_port=metrics_port)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -352,19 +355,34 @@ def test_errors_and_raw_streams_are_the_single_servers(ray_url, server):
     assert raw_stream(ray_url) == raw_stream(single)
 
 
+def _chat_200s(lines: list[str], prefix: str) -> float | None:
+    """The value of the chat route's status-200 request counter among Prometheus text lines (None: absent)."""
+    for line in lines:
+        if line.startswith(prefix) and 'route="/v1/chat/completions"' in line and 'status="200"' in line:
+            return float(line.split()[-1])
+    return None
+
+
 @needs_ray
-def test_each_replica_answers_its_metrics_and_health(ray_url):
+def test_each_replica_answers_its_metrics_and_health_and_exports_them_to_ray(cluster, ray_url):
     owned = _images_per_replica(ray_url, lambda seed: data_url(random_image(seed)), per_replica=1)
     root = ray_url.removesuffix("/v1")
+    counts = {}
     for replica in owned:
         assert _post(ray_url, _chat_body(None, max_tokens=2), {HEADER: replica}).headers[HEADER] == replica
         metrics = httpx.get(f"{root}/metrics", headers={HEADER: replica}, timeout=60)
         assert metrics.status_code == 200 and metrics.headers[HEADER] == replica
-        counted = [line for line in metrics.text.splitlines()
-                   if line.startswith('phi_fast_requests_total{route="/v1/chat/completions",status="200"}')]
-        assert counted and float(counted[0].split()[-1]) >= 1
+        counts[replica] = _chat_200s(metrics.text.splitlines(), "phi_fast_requests_total{")
+        assert counts[replica] >= 1
         health = httpx.get(f"{root}/health", headers={HEADER: replica}, timeout=60)
         assert (health.status_code, health.json(), health.headers[HEADER]) == (200, {"status": "ok"}, replica)
+
+    def exported():  # Ray's export, tagged by replica, once it has caught up with the counts read above
+        text = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=60).text
+        mine = {r: [line for line in text.splitlines() if f'replica="{r}"' in line] for r in owned}
+        return all((_chat_200s(lines, "ray_phi_fast_requests_total{") or 0) >= counts[r] for r, lines in mine.items())
+
+    _wait_until(exported, "each replica's request counts in Ray's metrics export")
 
 
 @needs_ray

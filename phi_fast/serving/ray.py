@@ -13,7 +13,8 @@ least loaded, go to the least loaded replica.
 The front implements no route: it forwards the request's ASGI scope and body, and relays the ASGI messages the
 replica's `create_app` app sends back (the same bytes, SSE streams included), adding one header,
 `x-phi-fast-replica`, naming the replica that answered. A request that sends that header is routed to the named
-replica (when it is alive), which is how each replica's /metrics and /health are read.
+replica (when it is alive), which is how each replica's /metrics and /health are read; each replica also copies
+its /metrics figures into Ray's metrics export (`ray_phi_fast_*`, labelled with the replica).
 
 A replica that dies is replaced by Ray; the requests it was answering get 503 (an OpenAI error object, code
 `replica_died`; a stream that had started ends with that error event and `data: [DONE]`); others never notice.
@@ -28,12 +29,14 @@ import hashlib
 import json
 import logging
 import random
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 try:
     import ray
     from ray import serve
+    from ray.serve import metrics as serve_metrics
     from ray.exceptions import ActorUnavailableError, RayActorError
     from ray.serve.config import RequestRouterConfig
     from ray.serve.handle import DeploymentHandle
@@ -57,6 +60,7 @@ HEALTH_TIMEOUT_S = 30.0
 # After its client went away, how long a request's app task may take to notice (it does at once while it answers)
 # before it is cancelled: a request still fetching its image only notices when it is cancelled.
 DISCONNECT_GRACE_S = 5.0
+METRICS_EXPORT_PERIOD_S = 5.0  # how often a replica copies its /metrics figures into Ray's metrics
 LEAST_LOADED_SAMPLE = 8  # over this many replicas, an unkeyed request compares two random ones, not all
 RETRY_AFTER_S = 1
 _SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "query_string",
@@ -78,6 +82,7 @@ class PhiFastReplica:
         self.model = load(model_path, progress=False, **load_options)
         self.app = create_app(self.model, **app_options)
         self.name = serve.get_replica_context().replica_id.unique_id
+        self.export = _MetricsExport(self.app.state.server.metrics.registry)
         log.info("replica %s serves %s", self.name, model_path)
 
     async def forward(self, scope: dict[str, Any], body: bytes, affinity: str | None = None,
@@ -118,9 +123,41 @@ class PhiFastReplica:
         await asyncio.to_thread(self.model.loop.call, lambda engine: None, HEALTH_TIMEOUT_S)
 
     def __del__(self) -> None:
+        if hasattr(self, "export"):
+            self.export.stop.set()
         model = getattr(self, "model", None)
         if model is not None:
             model.close(HEALTH_TIMEOUT_S)
+
+
+class _MetricsExport:
+    """A replica's /metrics figures copied into Ray's metrics (as gauges, every METRICS_EXPORT_PERIOD_S), which Ray
+    Serve tags with the deployment and the replica: one scrape of each node's Ray metrics port then has the
+    figures of every replica on that node."""
+
+    def __init__(self, registry: Any):
+        self.registry, self.gauges, self.stop = registry, {}, threading.Event()
+        threading.Thread(target=self._run, name="phi_fast-metrics-export", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(METRICS_EXPORT_PERIOD_S):
+            try:
+                self.export()
+            except Exception:  # noqa: BLE001 - a metric that cannot be copied must not stop the others
+                log.warning("copying the metrics into Ray's failed", exc_info=True)
+
+    def export(self) -> None:
+        """Copy every sample once (the engine's figures are read through the engine loop, as at a scrape)."""
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_created"):  # prometheus_client's creation times: no figure
+                    continue
+                keys = tuple(sorted(sample.labels))
+                gauge = self.gauges.get((sample.name, keys))
+                if gauge is None:
+                    gauge = self.gauges[sample.name, keys] = serve_metrics.Gauge(
+                        sample.name, description=family.documentation, tag_keys=keys)
+                gauge.set(sample.value, tags=dict(sample.labels) or None)
 
 
 class ImageAffinityRouter(RequestRouter):
@@ -340,6 +377,16 @@ def deploy(application: Any, *, host: str = "127.0.0.1", port: int = 8000, name:
     stay) and run `application` at "/", waiting until every replica is up; returns the base URL (".../v1")."""
     serve.start(http_options={"host": host, "port": port})
     serve.run(application, name=name, route_prefix="/")
+    try:  # Serve keeps the HTTP options it first started with: the URL must name where it really listens
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        if (http.host, http.port) != (host, port):
+            log.warning("Serve already ran on this cluster: it listens on %s:%s, not %s:%s", http.host, http.port,
+                        host, port)
+            host, port = http.host, http.port
+    except Exception:  # noqa: BLE001 - a private Serve API; without it, the options asked for are shown
+        log.debug("Serve's HTTP options unknown", exc_info=True)
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/v1"
 
