@@ -252,10 +252,12 @@ def _images_per_replica(ray_url: str, make_url, per_replica: int) -> dict[str, l
 
 @needs_ray
 def test_serve_command_deploys_on_ray_and_stops_on_sigterm(cluster, ckpt, server):
-    """`phi_fast serve --ray` joins the session's cluster, answers like the single server, and on SIGTERM lets
-    a running stream finish before it deletes its deployment and exits 0."""
+    """`phi_fast serve --ray` joins the session's cluster (autoscaled: 1 to 2 replicas, it starts with 1), answers
+    like the single server, and on SIGTERM lets a running stream finish before it deletes its deployment and exits
+    0."""
     proc = subprocess.Popen([sys.executable, "-m", "phi_fast", "serve", "--ray", "--ray-address", cluster.address,
-                             "--replicas", "1", "--model", str(ckpt), "--port", str(cluster.port),
+                             "--min-replicas", "1", "--max-replicas", "2", "--model", str(ckpt),
+                             "--port", str(cluster.port),
                              "--served-model-name", MODEL_NAME, "--api-key", API_KEY, "--shutdown-timeout", "60"],
                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
