@@ -18,8 +18,9 @@ phi_fast dependency (bench/NOTES.md: how it was run here). A stack that fails is
 --ray 1,2 also measures `phi_fast serve --ray` (a local Ray instance started by the command, one CPU and one
 torch thread per replica) with each of these replica counts at the same offered load (the rounds of --clients;
 `2/1`: 2 replicas with --affinity-imbalance 1), and reports each one's throughput over the first one's and the
-per-replica efficiency (that ratio over the replica ratio); the result files are then serve_ray-*. The load of the machine is recorded (load average before / after,
-the share of the cores other processes kept busy). Writes bench/results/serve-cpu-<cores>core-<date>.{json,md}.
+per-replica efficiency (that ratio over the replica ratio); the result files are then serve_ray-*. The load of
+the machine is recorded (load average before / after, the share of the cores other processes kept busy). Writes
+bench/results/serve-cpu-<cores>core-<date>.{json,md}.
 """
 
 from __future__ import annotations
@@ -216,7 +217,9 @@ def start_phi_fast(folder: Path, port: int, threads: int, max_seqs: int, log_dir
 
 def start_phi_fast_ray(folder: Path, port: int, replicas: int, imbalance: int | None, max_seqs: int,
                        log_dir: Path) -> Server:
-    env = {**os.environ, "OMP_WAIT_POLICY": "passive",
+    # RAY_worker_niceness: Ray runs its workers (the replicas among them) 15 nice levels below the raylet by
+    # default; at 0 they compete for the cores as the single server does.
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive", "RAY_worker_niceness": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "phi_fast", "serve", "--ray", "--replicas", str(replicas), "--replica-cpus", "1",
                "--model", str(folder), "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench",

@@ -172,7 +172,6 @@ def _run_ray(args: argparse.Namespace, api_key: str | None, policy: Any) -> int:
     if not args.model.is_dir():
         raise ValueError(f"--model {args.model}: no such folder")
     load_config(args.model)  # a folder that is no checkpoint fails here, not in every replica Ray starts
-    autoscale = args.min_replicas is not None or args.max_replicas is not None
     load_options = {"device": args.device, "dtype": args.dtype, "quantize": args.quantize,
                     "token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs,
                     "cache_memory": args.cache_memory}
@@ -180,7 +179,7 @@ def _run_ray(args: argparse.Namespace, api_key: str | None, policy: Any) -> int:
                    "max_waiting": args.max_waiting, "media_policy": policy}
     application = ray_serving.build_app(
         str(args.model.resolve()), load_options=load_options, app_options=app_options,
-        replicas=None if autoscale else (args.replicas or 1), min_replicas=args.min_replicas,
+        replicas=args.replicas, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
         replica_cpus=args.replica_cpus, max_ongoing_requests=args.max_num_seqs + args.max_waiting,
         imbalance=args.max_num_seqs if args.affinity_imbalance is None else args.affinity_imbalance,

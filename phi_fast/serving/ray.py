@@ -46,7 +46,7 @@ except ImportError as error:
 
 from starlette.types import Message, Receive, Scope, Send
 
-from .app import ClientGone, _error_response, _unless_disconnected
+from .app import MAX_BODY_BYTES, ClientGone, _error_response, _unless_disconnected
 from .protocol import APIError
 
 log = logging.getLogger(__name__)
@@ -315,8 +315,9 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 
 def build_app(model_path: str, *, load_options: dict[str, Any] | None = None,
-              app_options: dict[str, Any] | None = None, replicas: int | None = 1, min_replicas: int | None = None,
-              max_replicas: int | None = None, target_ongoing_requests: float | None = None,
+              app_options: dict[str, Any] | None = None, replicas: int | None = None,
+              min_replicas: int | None = None, max_replicas: int | None = None,
+              target_ongoing_requests: float | None = None,
               replica_cpus: float = 1.0, num_gpus: float = 0.0, max_ongoing_requests: int = 320,
               imbalance: int = 64, shutdown_timeout_s: float = 30.0) -> Any:
     """The Serve application (front + replicas) serving the checkpoint folder `model_path` (which every node
@@ -324,8 +325,8 @@ def build_app(model_path: str, *, load_options: dict[str, Any] | None = None,
 
     load_options: phi_fast.load keywords (device, dtype, quantize, token_budget, max_num_seqs, cache_memory).
     app_options: create_app keywords (api_key, served_model_name, max_waiting, media_policy, max_body_bytes).
-    replicas: a fixed count; or min_replicas..max_replicas, autoscaled by Ray on ongoing requests per replica
-    (target_ongoing_requests, default half of max_ongoing_requests). replica_cpus: CPUs each replica reserves
+    replicas: a fixed count (default 1); or min_replicas..max_replicas, autoscaled by Ray on ongoing requests per
+    replica (target_ongoing_requests, default half of max_ongoing_requests). replica_cpus: CPUs each replica reserves
     (also its torch threads on CPU); num_gpus: GPUs each replica reserves (1 for a CUDA model: Ray gives each
     replica its own). max_ongoing_requests: what Ray sends one replica at most (more wait in the router);
     default: the app's batch (64) plus its waiting queue (256), so the app's own 503 applies first.
@@ -341,7 +342,9 @@ def build_app(model_path: str, *, load_options: dict[str, Any] | None = None,
                                                                     max(1, min_replicas or 1))
         if not 0 <= lo <= hi or hi < 1:
             raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got {lo}..{hi}")
-    elif replicas is None or replicas < 1:
+    elif replicas is None:
+        replicas = 1
+    elif replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas!r}")
     if replica_cpus <= 0:
         raise ValueError(f"replica_cpus must be > 0, got {replica_cpus!r}")
@@ -366,10 +369,8 @@ def build_app(model_path: str, *, load_options: dict[str, Any] | None = None,
     front = serve.deployment(serve.ingress()(Front), name=FRONT_NAME).options(
         num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=FRONT_MAX_ONGOING,
         graceful_shutdown_timeout_s=shutdown_timeout_s)
-    max_body = app_options.get("max_body_bytes")
-    if max_body is None:
-        from .app import MAX_BODY_BYTES as max_body
-    return front.bind(replica.bind(str(model_path), load_options, app_options, threads), max_body)
+    return front.bind(replica.bind(str(model_path), load_options, app_options, threads),
+                      app_options.get("max_body_bytes", MAX_BODY_BYTES))
 
 
 def deploy(application: Any, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
