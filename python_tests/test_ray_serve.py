@@ -257,16 +257,16 @@ def test_serve_command_deploys_on_ray_and_stops_on_sigterm(cluster, ckpt, server
     0."""
     proc = subprocess.Popen([sys.executable, "-m", "phi_fast", "serve", "--ray", "--ray-address", cluster.address,
                              "--min-replicas", "1", "--max-replicas", "2", "--model", str(ckpt),
-                             "--port", str(cluster.port),
-                             "--served-model-name", MODEL_NAME, "--api-key", API_KEY, "--shutdown-timeout", "60"],
+                             "--port", str(cluster.port), "--served-model-name", MODEL_NAME, "--api-key", API_KEY,
+                             "--shutdown-timeout", "60"],
                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+    stderr: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [stderr.put(x) for x in proc.stderr], daemon=True).start()
     try:
         seen: list[str] = []
         while not seen or not seen[-1].startswith("phi_fast serve: "):  # after Ray's own lines
             try:
-                seen.append(lines.get(timeout=DEADLINE_S))
+                seen.append(stderr.get(timeout=DEADLINE_S))
             except queue.Empty:
                 pytest.fail(f"no URL line from the serve command; its stderr: {seen}")
         line = seen[-1]

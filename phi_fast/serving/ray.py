@@ -36,8 +36,8 @@ from typing import Any
 try:
     import ray
     from ray import serve
-    from ray.serve import metrics as serve_metrics
     from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve import metrics as serve_metrics
     from ray.serve.config import RequestRouterConfig
     from ray.serve.handle import DeploymentHandle
     from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -46,7 +46,7 @@ except ImportError as error:
 
 from starlette.types import Message, Receive, Scope, Send
 
-from .app import MAX_BODY_BYTES, ClientGone, _error_response, _unless_disconnected
+from .app import MAX_BODY_BYTES, RETRY_AFTER_S, ClientGone, _error_response, _unless_disconnected
 from .protocol import APIError
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,7 @@ HEALTH_TIMEOUT_S = 30.0
 # before it is cancelled: a request still fetching its image only notices when it is cancelled.
 DISCONNECT_GRACE_S = 5.0
 METRICS_EXPORT_PERIOD_S = 5.0  # how often a replica copies its /metrics figures into Ray's metrics
-LEAST_LOADED_SAMPLE = 8  # over this many replicas, an unkeyed request compares two random ones, not all
-RETRY_AFTER_S = 1
+LEAST_LOADED_SAMPLE = 8  # over this many replicas, the least loaded is sought among two random ones, not all
 _SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "query_string",
                "root_path", "headers", "client", "server")
 
