@@ -134,27 +134,15 @@ PHI_FAST_TARGET_AVX512 void dequant_avx512(float* dst, const QuantWeight& w, int
 #endif
 
 
-// ---- integer kernels ----
+// ---- integer kernels, AVX2 and portable: weights through a chunk buffer ----
 //
-// A unit is the inputs one instruction step covers: 64 for VNNI (one zmm of bytes), 32 for AVX2 (one ymm) and
-// for the portable loops. Activations and weight buffers hold each unit's bytes in the same lane order:
-// - VNNI int4: a unit is two runs r0, r1 and is laid out [r0 low nibbles, r1 low, r0 high, r1 high], i.e. inputs
-//   [0..15, 32..47, 16..31, 48..63] of the unit (what one 32-byte load of the two runs unpacks into);
-// - everything else: inputs in order.
-// Per unit, lanes_of(isa) fp32 lane vectors carry what each 32-bit lane of the int32 products needs: the activation
-// scale of its block, and (int4) the correction 8 * scale * (sum of the lane's four qx).
+// A unit is the inputs one instruction step covers: 32 (one ymm of bytes for AVX2; the portable loops use the
+// same), inputs in order. Per unit, lanes_of(isa) fp32 lane values carry what each 32-bit lane of the int32
+// products needs: the activation scale of its block, and (int4) the correction 8 * scale * (sum of the lane's qx).
 
-int unit_of(Isa isa) { return isa == Isa::vnni ? 64 : 32; }
-int lanes_of(Isa isa) { return isa == Isa::vnni ? 16 : (isa == Isa::avx2 ? 8 : 1); }
+int lanes_of(Isa isa) { return isa == Isa::avx2 ? 8 : 1; }
 
-// The input of the unit (0 .. unit - 1) held at position p of the lane order.
-inline int unit_input(Isa isa, bool int4, int p) {
-  if (isa != Isa::vnni || !int4) return p;
-  return ((p % 32) / 16) * 32 + (p / 32) * 16 + p % 16;
-}
-
-// x quantized for one call: q [M, units * unit] in lane order (VNNI int8: stored + 128, as unsigned bytes),
-// scale and corr [M, units, lanes] (portable: one value per unit).
+// x quantized for one call: q [M, units * 32], scale and corr [M, units, lanes] (portable: one value per unit).
 struct QuantX {
   int64_t units = 0;
   int unit = 32, lanes = 1;
@@ -168,60 +156,37 @@ inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
 template <typename T>
 QuantX quantize_x(Isa isa, bool int4, const T* x, int64_t x_stride, int64_t M, int64_t K) {
   QuantX qx;
-  qx.unit = unit_of(isa);
   qx.lanes = lanes_of(isa);
-  qx.units = (K + qx.unit - 1) / qx.unit;
-  const int64_t row = qx.units * qx.unit, blocks = row / kRun;
-  const int lane_width = qx.unit / qx.lanes;  // inputs per 32-bit lane (4), or the whole unit (portable)
-  qx.q.assign(M * row, 0);
-  qx.scale.assign(M * qx.units * qx.lanes, 0.0f);
-  qx.corr.assign(M * qx.units * qx.lanes, 0.0f);
-  std::vector<float> xf(row);
-  std::vector<int8_t> q(row);
-  std::vector<float> block_scale(blocks);
-  const bool offset = isa == Isa::vnni && !int4;  // the u8 operand: stored as q + 128
-  const bool permute = isa == Isa::vnni && int4;
-  const int unit = qx.unit, lanes = qx.lanes;
+  qx.units = (K + kRun - 1) / kRun;
+  const int64_t row = qx.units * kRun;
+  const int lanes = qx.lanes, lane_width = kRun / lanes;  // inputs per 32-bit lane (4), or the whole unit
   const int64_t units = qx.units;
+  qx.q.assign(M * row, 0);
+  qx.scale.assign(M * units * lanes, 0.0f);
+  qx.corr.assign(M * units * lanes, 0.0f);
+  std::vector<float> xf(row);
   for (int64_t m = 0; m < M; ++m) {
     std::fill(xf.begin(), xf.end(), 0.0f);
     load_row(xf.data(), x + m * x_stride, K);
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* v = xf.data() + b * kRun;
+    for (int64_t u = 0; u < units; ++u) {
+      const float* v = xf.data() + u * kRun;
       float amax = 0.0f;
 #pragma omp simd reduction(max : amax)
       for (int i = 0; i < kRun; ++i) amax = std::fabs(v[i]) > amax ? std::fabs(v[i]) : amax;
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      block_scale[b] = amax / 127.0f;
-      int8_t* qb = q.data() + b * kRun;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f, s = amax / 127.0f;
+      int8_t* qb = qx.q.data() + m * row + u * kRun;
 #pragma omp simd
       for (int i = 0; i < kRun; ++i) {
         const float r = round_even(v[i] * inv);
         qb[i] = static_cast<int8_t>(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
       }
-    }
-    int8_t* dst = qx.q.data() + m * row;
-    float* scale_base = qx.scale.data();
-    float* corr_base = qx.corr.data();
-    for (int64_t u = 0; u < units; ++u) {
-      const int8_t* src = q.data() + u * unit;
-      if (permute) {  // [run0 0..15, run1 0..15, run0 16..31, run1 16..31]
-        for (int piece = 0; piece < 4; ++piece) std::memcpy(dst + u * 64 + 16 * piece, src + unit_input(isa, true, 16 * piece), 16);
-      } else {
-        const int8_t flip = offset ? static_cast<int8_t>(0x80) : 0;
-        int8_t* d = dst + u * unit;  // locals: int8 stores may alias anything, so members would be reloaded
-#pragma omp simd
-        for (int j = 0; j < unit; ++j) d[j] = static_cast<int8_t>(src[j] ^ flip);
-      }
-      float* scale = scale_base + (m * units + u) * lanes;
-      float* corr = corr_base + (m * units + u) * lanes;
+      float* scale = qx.scale.data() + (m * units + u) * lanes;
+      float* corr = qx.corr.data() + (m * units + u) * lanes;
       for (int l = 0; l < lanes; ++l) {
-        const int j0 = unit_input(isa, int4, l * lane_width);  // a lane's inputs are consecutive
-        const float s = block_scale[(u * unit + j0) / kRun];
         scale[l] = s;
         if (int4) {
           int32_t sum = 0;
-          for (int i = 0; i < lane_width; ++i) sum += src[j0 + i];
+          for (int i = 0; i < lane_width; ++i) sum += qb[l * lane_width + i];
           corr[l] = 8.0f * s * static_cast<float>(sum);
         }
       }
@@ -252,27 +217,6 @@ void pack_chunk_portable(uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t
 }
 
 #ifdef PHI_FAST_CPU_AVX2
-// int4 for the VNNI lane order: one 32-byte load of two runs -> [low nibbles of both, high nibbles of both];
-// a last lone run (odd number of runs) is loaded as 16 bytes: its missing partner unpacks to zeros.
-PHI_FAST_TARGET_AVX2 void pack_chunk_int4_vnni(uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t rows,
-                                               int64_t k0) {
-  const int64_t len = std::min(kChunk, w.K - k0), runs = (len + kRun - 1) / kRun;
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  for (int64_t r = 0; r < rows; ++r) {
-    uint8_t* dst = buf + r * kChunk;
-    if (len < kChunk) std::memset(dst, 0, kChunk);
-    const uint8_t* src = int4_row(w, n0 + r).bytes + k0 / 2;
-    for (int64_t run = 0; run < runs; run += 2) {
-      const __m256i v = run + 1 < runs
-          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + run * 16))
-          : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + run * 16)));
-      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + run * 32), lo);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + run * 32 + 32), hi);
-    }
-  }
-}
-
 // int4 in input order (the AVX2 and portable lane order): per run [16 low nibbles, 16 high nibbles].
 PHI_FAST_TARGET_AVX2 void pack_chunk_int4_linear(uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t rows,
                                                  int64_t k0) {
@@ -293,7 +237,6 @@ PHI_FAST_TARGET_AVX2 void pack_chunk_int4_linear(uint8_t* buf, const QuantWeight
 
 void pack_chunk(Isa isa, uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t rows, int64_t k0) {
 #ifdef PHI_FAST_CPU_AVX2
-  if (w.format == QuantFormat::int4 && isa == Isa::vnni) return pack_chunk_int4_vnni(buf, w, n0, rows, k0);
   if (w.format == QuantFormat::int4 && isa == Isa::avx2) return pack_chunk_int4_linear(buf, w, n0, rows, k0);
 #endif
   pack_chunk_portable(buf, w, n0, rows, k0);
@@ -403,6 +346,18 @@ PHI_FAST_TARGET_AVX2 float lane_sum_avx2(const float* v) { return avx2::hsum(_mm
 #endif
 
 #ifdef PHI_FAST_CPU_AVX512
+// ---- integer kernels, AVX512-VNNI: weights unpacked in registers ----
+//
+// A unit is 64 inputs: one zmm of weight bytes, one dpbusd (u8 x s8, 4 products summed per int32 lane). Weights
+// are the u8 operand: int8 as w ^ 0x80 = w + 128, int4 as the stored nibbles q + 8, unpacked from one 32-byte
+// load of two runs r0, r1 (low nibbles, then high: lane order [r0 low, r1 low, r0 high, r1 high], i.e. inputs
+// [0..15, 32..47, 16..31, 48..63] of the unit). x (VnniX) holds its int8 per unit in the same lane order, and the
+// weights' offset is cancelled in int32 by starting each dpbusd at -offset * (sum of the lane's 4 qx), so the
+// integer sums are exact and x alone pays for the offset. Per unit and row of x, one float step per (weight
+// row): acc += float(dot) * (x block scale * weight group scale) lane by lane (int8: the per-channel scale once at
+// the end). Rows of x come kMt at a time with their kRows x kMt accumulators in registers over the whole of K;
+// more rows of x re-read the block's packed rows (from L1 / L2) and unpack them again.
+
 #define PHI_FAST_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
 bool vnni_enabled() {
@@ -410,64 +365,190 @@ bool vnni_enabled() {
   return use;
 }
 
-// As tile_avx2 with 64-input units and 16 lanes (dpbusd: u8 x s8 summed 4 at a time into int32 lanes).
-template <int MT, int R>
-PHI_FAST_TARGET_VNNI void tile_vnni(const BlockArgs& a, int64_t m0) {
-  const QuantWeight& w = *a.w;
-  const bool int4 = w.format == QuantFormat::int4;
-  const int64_t len = std::min(kChunk, w.K - a.k0), units = (len + 63) / 64;
-  const int64_t row = a.qx->units * a.qx->unit;
-  const __m512i zero = _mm512_setzero_si512(), offset = _mm512_set1_epi8(static_cast<char>(0x80));
+constexpr int64_t kUnit = 64;
+constexpr int kMt = 2;  // rows of x per register tile
+
+// x quantized for the VNNI kernels: per row m and unit u (index m * units + u) 64 int8 in lane order (zeros past
+// K), 16 lane scales (the lane's block scale max|x| / 127) and 16 int32 dpbusd starts (-offset * lane sum).
+struct VnniX {
+  int64_t units = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> start;
+};
+
+// 16 inputs x[k .. k + 16) as fp32, zeros at k + i >= K.
+template <typename T>
+PHI_FAST_TARGET_VNNI inline __m512 load16(const T* x, int64_t k, int64_t K) {
+  const int64_t left = K - k;
+  const __mmask16 mask = left >= 16 ? 0xFFFF : (left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1));
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(mask, left > 0 ? x + k : x);
+  } else if constexpr (std::is_same_v<T, Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, left > 0 ? x + k : x));
+  } else {
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, left > 0 ? x + k : x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+  }
+}
+
+// The 16 int8 of round_even(v * inv), clamped to [-127, 127] (the rounding is MXCSR's default, to nearest even).
+PHI_FAST_TARGET_VNNI inline __m128i quantize16(__m512 v, __m512 inv) {
+  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+  return _mm512_cvtsepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127)));
+}
+
+template <typename T>
+PHI_FAST_TARGET_VNNI VnniX quantize_x_vnni(bool int4, const T* x, int64_t x_stride, int64_t M, int64_t K) {
+  VnniX qx;
+  qx.units = (K + kUnit - 1) / kUnit;
+  const int64_t units = qx.units;
+  qx.q.resize(M * units * kUnit);
+  qx.scale.resize(M * units * 16);
+  qx.start.resize(M * units * 16);
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i ones = _mm512_set1_epi8(1);
+  // Lanes of block 1 (inputs 32..63): int8 lanes 8-15, int4 lanes 4-7 and 12-15 (lane order above).
+  const __mmask16 second = int4 ? 0xF0F0 : 0xFF00;
+  const __m512i neg_offset = _mm512_set1_epi32(int4 ? -8 : -128);
+  // Where the four 16-input pieces go in the unit's 64 bytes: int4 swaps the middle two.
+  const int place[4] = {0, int4 ? 32 : 16, int4 ? 16 : 32, 48};
+  for (int64_t m = 0; m < M; ++m) {
+    const T* row = x + m * x_stride;
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t k = u * kUnit, index = m * units + u;
+      __m512 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = load16(row, k + 16 * i, K);
+      float s[2];
+      int8_t* q = qx.q.data() + index * kUnit;
+      for (int b = 0; b < 2; ++b) {
+        const __m512 a = _mm512_max_ps(_mm512_and_ps(v[2 * b], abs_mask), _mm512_and_ps(v[2 * b + 1], abs_mask));
+        const float amax = _mm512_reduce_max_ps(a);
+        s[b] = amax / 127.0f;
+        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        for (int i = 2 * b; i < 2 * b + 2; ++i) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + place[i]), quantize16(v[i], inv));
+        }
+      }
+      const __m512 scale = _mm512_mask_blend_ps(second, _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1]));
+      _mm512_storeu_ps(qx.scale.data() + index * 16, scale);
+      const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(q));
+      _mm512_storeu_si512(qx.start.data() + index * 16, _mm512_mullo_epi32(sums, neg_offset));
+    }
+  }
+  return qx;
+}
+
+// MT rows of x (from m0) times the R weight rows n0 .. n0 + R - 1 over all of K: out[m * N + n0 + r] (before the
+// int8 channel scale and the bias) into sums[m * R + r].
+template <int MT, int R, bool kInt4, bool kGroup32>
+PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t m0) {
+  const int64_t K = w.K, units = qx.units;
+  const int64_t kp = kInt4 ? round_up(K, w.group_size) : K;
+  const int64_t row_bytes = kInt4 ? kp / 2 : K, groups = kInt4 ? kp / w.group_size : 1;
+  const int shift = kInt4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
+  const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
+  const float* srow = w.scales + n0 * groups;
+  // int4: the two runs' nibbles, low half shifted by 0, high half by 4; lanes 0-3 / 8-11 take the first run's
+  // group scale, 4-7 / 12-15 the second's.
+  const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+  const int64_t runs = (K + kRun - 1) / kRun;  // int4 runs holding inputs < K (the last unit may hold one)
+  constexpr int64_t kUnitBytes = kInt4 ? kUnit / 2 : kUnit;  // packed bytes of one unit of one row
+  const int64_t ahead = R * row_bytes;                         // the next block of rows
   __m512 acc[MT][R];
   for (int m = 0; m < MT; ++m) {
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_loadu_ps(a.acc + ((m0 + m) * a.rows + r) * 16);
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   }
   for (int64_t u = 0; u < units; ++u) {
-    const int64_t k = a.k0 + u * 64, unit_index = k / 64;
     __m512i wv[R];
     __m512 ws[R];
+    const bool full = kInt4 ? 2 * u + 2 <= runs : (u + 1) * kUnit <= K;
     for (int r = 0; r < R; ++r) {
-      wv[r] = _mm512_loadu_si512(a.buf + r * kChunk + u * 64);
-      if (int4) {  // lanes 0-3, 8-11: the unit's first run; 4-7, 12-15: its second
-        const __m512 s0 = _mm512_set1_ps(group_scale(a, r, k));
-        const __m512 s1 = _mm512_set1_ps(((k + 32) >> a.group_shift) < a.groups ? group_scale(a, r, k + 32) : 0.0f);
-        ws[r] = _mm512_mask_blend_ps(0xF0F0, s0, s1);
+      const uint8_t* p = wrow + r * row_bytes;
+      // The same bytes of the next block of rows (R * row_bytes ahead): each block's rows are short streams that
+      // the hardware prefetchers pick up late.
+      // Prefetch instructions never fault, so the last block's reach past the weight is harmless.
+      if (u % (64 / kUnitBytes) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + ahead + u * kUnitBytes), _MM_HINT_T0);
+      if (kInt4 && u % 8 == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(srow + r * groups + R * groups + (u * kUnit >> shift)), _MM_HINT_T0);
+      }
+      if constexpr (kInt4) {
+        const __m256i packed = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + u * 32))
+                                    : _mm256_maskz_loadu_epi8(0xFFFF, p + u * 32);  // one run left
+        wv[r] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(packed), nibble_shift), low);
+        const float* s = srow + r * groups;
+        if constexpr (kGroup32) {
+          ws[r] = full ? _mm512_permutexvar_ps(pair, _mm512_castpd_ps(_mm512_castpd128_pd512(
+                                                         _mm_load_sd(reinterpret_cast<const double*>(s + 2 * u)))))
+                       : _mm512_set1_ps(s[2 * u]);
+        } else {
+          ws[r] = _mm512_set1_ps(s[(u * kUnit) >> shift]);
+        }
       } else {
-        ws[r] = _mm512_castsi512_ps(_mm512_dpbusd_epi32(zero, offset, wv[r]));  // 128 * sum(w) per lane (int32)
+        const __mmask64 mask = full ? ~__mmask64{0} : (__mmask64{1} << (K - u * kUnit)) - 1;
+        wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p + u * kUnit), flip);
+        ws[r] = _mm512_setzero_ps();  // unused
       }
     }
     for (int m = 0; m < MT; ++m) {
-      const int64_t mm = m0 + m;
-      const __m512i xq = _mm512_loadu_si512(a.qx->q.data() + mm * row + u * 64 + a.k0);
-      const __m512 xs = _mm512_loadu_ps(a.qx->scale.data() + (mm * a.qx->units + unit_index) * 16);
-      if (int4) {
-        const __m512 corr = _mm512_loadu_ps(a.qx->corr.data() + (mm * a.qx->units + unit_index) * 16);
-        for (int r = 0; r < R; ++r) {
-          const __m512i d = _mm512_dpbusd_epi32(zero, wv[r], xq);  // nibbles u8 x qx s8
-          const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), xs, corr);
-          acc[m][r] = _mm512_fmadd_ps(t, ws[r], acc[m][r]);
-        }
-      } else {
-        for (int r = 0; r < R; ++r) {  // (qx + 128) u8 x w s8, minus 128 * sum(w)
-          const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xq, wv[r]), _mm512_castps_si512(ws[r]));
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), xs, acc[m][r]);
-        }
+      const int64_t index = (m0 + m) * units + u;
+      const __m512i xq = _mm512_loadu_si512(qx.q.data() + index * kUnit);
+      const __m512 xs = _mm512_loadu_ps(qx.scale.data() + index * 16);
+      const __m512i start = _mm512_loadu_si512(qx.start.data() + index * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xq));
+        acc[m][r] = _mm512_fmadd_ps(dot, kInt4 ? _mm512_mul_ps(xs, ws[r]) : xs, acc[m][r]);
       }
     }
   }
   for (int m = 0; m < MT; ++m) {
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(a.acc + ((m0 + m) * a.rows + r) * 16, acc[m][r]);
+    for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
   }
 }
 
-template <int R>
-PHI_FAST_TARGET_VNNI void chunk_vnni(const BlockArgs& a) {
+// Weight rows n0 .. n0 + R - 1 times every row of x.
+template <int R, bool kInt4, bool kGroup32>
+PHI_FAST_TARGET_VNNI void rows_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M) {
   int64_t m = 0;
-  for (; m + 2 <= a.M; m += 2) tile_vnni<2, R>(a, m);
-  if (m < a.M) tile_vnni<1, R>(a, m);
+  for (; m + kMt <= M; m += kMt) tile_vnni<kMt, R, kInt4, kGroup32>(sums + m * R, w, n0, qx, m);
+  if (m < M) tile_vnni<1, R, kInt4, kGroup32>(sums + m * R, w, n0, qx, m);
 }
 
-PHI_FAST_TARGET_AVX512 float lane_sum_avx512(const float* v) { return avx512::hsum(_mm512_loadu_ps(v)); }
+template <int R>
+void rows_vnni_any(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M) {
+  if (w.format == QuantFormat::int8) return rows_vnni<R, false, false>(sums, w, n0, qx, M);
+  if (w.group_size == 32) return rows_vnni<R, true, true>(sums, w, n0, qx, M);
+  rows_vnni<R, true, false>(sums, w, n0, qx, M);
+}
+
+template <typename T>
+void quant_linear_vnni(T* out, const T* x, int64_t x_stride, const QuantWeight& w, const T* bias, int64_t M,
+                       double work_ns, int num_threads) {
+  const VnniX qx = quantize_x_vnni(w.format == QuantFormat::int4, x, x_stride, M, w.K);
+  const int64_t blocks = (w.N + kRows - 1) / kRows;
+  parallel_rows(blocks, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<float> sums(M * kRows);
+    const int64_t end = std::min(block_end * kRows, w.N);
+    for (int64_t n0 = block_begin * kRows; n0 < end;) {
+      const int64_t rows = n0 + kRows <= end ? kRows : 1;
+      if (rows == kRows) {
+        rows_vnni_any<kRows>(sums.data(), w, n0, qx, M);
+      } else {
+        rows_vnni_any<1>(sums.data(), w, n0, qx, M);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t r = 0; r < rows; ++r) {
+          float sum = sums[m * rows + r];
+          if (w.format == QuantFormat::int8) sum *= w.scales[n0 + r];
+          out[m * w.N + n0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[n0 + r]) : sum);
+        }
+      }
+      n0 += rows;
+    }
+  });
+}
 #endif
 
 Isa pick_isa() {
@@ -481,9 +562,6 @@ Isa pick_isa() {
 }
 
 void run_chunk(Isa isa, const BlockArgs& a) {
-#ifdef PHI_FAST_CPU_AVX512
-  if (isa == Isa::vnni) return a.rows == kRows ? chunk_vnni<kRows>(a) : chunk_vnni<1>(a);
-#endif
 #ifdef PHI_FAST_CPU_AVX2
   if (isa == Isa::avx2) return a.rows == kRows ? chunk_avx2<kRows>(a) : chunk_avx2<1>(a);
 #endif
@@ -491,9 +569,6 @@ void run_chunk(Isa isa, const BlockArgs& a) {
 }
 
 float lane_sum(Isa isa, const float* v) {
-#ifdef PHI_FAST_CPU_AVX512
-  if (isa == Isa::vnni) return lane_sum_avx512(v);
-#endif
 #ifdef PHI_FAST_CPU_AVX2
   if (isa == Isa::avx2) return lane_sum_avx2(v);
 #endif
@@ -504,11 +579,16 @@ template <typename T>
 void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight& w, const T* bias, int64_t M,
                          int num_threads) {
   const Isa isa = pick_isa();
-  const QuantX qx = quantize_x(isa, w.format == QuantFormat::int4, x, x_stride, M, w.K);
-  const int lanes = qx.lanes;
   const double weight_bytes = w.format == QuantFormat::int8 ? 1.0 : 0.5 + 4.0 / w.group_size;
   const double weights = static_cast<double>(w.N) * w.K;
   const double work_ns = std::max(stream_ns(weight_bytes * weights), weights * (kNsPerWeight + M * kNsPerProduct));
+#ifdef PHI_FAST_CPU_AVX512
+  if (isa == Isa::vnni) {
+    return quant_linear_vnni(out, x, x_stride, w, bias, M, work_ns, num_threads);
+  }
+#endif
+  const QuantX qx = quantize_x(isa, w.format == QuantFormat::int4, x, x_stride, M, w.K);
+  const int lanes = qx.lanes;
   const int64_t blocks = (w.N + kRows - 1) / kRows;
   const bool int4 = w.format == QuantFormat::int4;
   const int64_t groups = int4 ? round_up(w.K, w.group_size) / w.group_size : 1;
