@@ -45,12 +45,12 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // Row n of an int4 weight: its 16-byte runs and its group scales.
 struct Int4Row {
   const uint8_t* bytes;
-  const float* scales;
+  const uint16_t* scales;  // fp16 bits
 };
 
 inline Int4Row int4_row(const QuantWeight& w, int64_t n) {
   const int64_t kp = round_up(w.K, w.group_size);
-  return {static_cast<const uint8_t*>(w.data) + n * (kp / 2), w.scales + n * (kp / w.group_size)};
+  return {static_cast<const uint8_t*>(w.data) + n * (kp / 2), w.group_scales() + n * (kp / w.group_size)};
 }
 
 // ---- dequantize w[n, k0 .. k0 + len) into dst: int8 writes len values, int4 whole runs (k0 % 32 == 0) ----
@@ -58,14 +58,14 @@ inline Int4Row int4_row(const QuantWeight& w, int64_t n) {
 void dequant_portable(float* dst, const QuantWeight& w, int64_t n, int64_t k0, int64_t len) {
   if (w.format == QuantFormat::int8) {
     const int8_t* q = static_cast<const int8_t*>(w.data) + n * w.K + k0;
-    const float s = w.scales[n];
+    const float s = w.channel_scales()[n];
     for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<float>(q[j]) * s;
     return;
   }
   const Int4Row row = int4_row(w, n);
   for (int64_t j = 0; j < len; j += kRun) {
     const uint8_t* b = row.bytes + (k0 + j) / 2;
-    const float s = row.scales[(k0 + j) / w.group_size];
+    const float s = half_to_float(row.scales[(k0 + j) / w.group_size]);
     for (int i = 0; i < 16; ++i) {
       dst[j + i] = static_cast<float>((b[i] & 15) - 8) * s;
       dst[j + 16 + i] = static_cast<float>((b[i] >> 4) - 8) * s;
@@ -78,7 +78,7 @@ void dequant_portable(float* dst, const QuantWeight& w, int64_t n, int64_t k0, i
 PHI_FAST_TARGET_AVX2 void dequant_avx2(float* dst, const QuantWeight& w, int64_t n, int64_t k0, int64_t len) {
   if (w.format == QuantFormat::int8) {
     const int8_t* q = static_cast<const int8_t*>(w.data) + n * w.K + k0;
-    const float s = w.scales[n];
+    const float s = w.channel_scales()[n];
     const __m256 vs = _mm256_set1_ps(s);
     int64_t j = 0;
     for (; j + 8 <= len; j += 8) {
@@ -92,7 +92,7 @@ PHI_FAST_TARGET_AVX2 void dequant_avx2(float* dst, const QuantWeight& w, int64_t
   const __m128i low_nibbles = _mm_set1_epi8(0x0F);
   for (int64_t j = 0; j < len; j += kRun) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.bytes + (k0 + j) / 2));
-    const float s = row.scales[(k0 + j) / w.group_size];
+    const float s = half_to_float(row.scales[(k0 + j) / w.group_size]);
     const __m256 vs = _mm256_set1_ps(s), offset = _mm256_set1_ps(-8.0f * s);
     const __m128i lo = _mm_and_si128(b, low_nibbles), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles);
     const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
@@ -109,7 +109,7 @@ PHI_FAST_TARGET_AVX2 void dequant_avx2(float* dst, const QuantWeight& w, int64_t
 PHI_FAST_TARGET_AVX512 void dequant_avx512(float* dst, const QuantWeight& w, int64_t n, int64_t k0, int64_t len) {
   if (w.format == QuantFormat::int8) {
     const int8_t* q = static_cast<const int8_t*>(w.data) + n * w.K + k0;
-    const float s = w.scales[n];
+    const float s = w.channel_scales()[n];
     const __m512 vs = _mm512_set1_ps(s);
     int64_t j = 0;
     for (; j + 16 <= len; j += 16) {
@@ -123,7 +123,7 @@ PHI_FAST_TARGET_AVX512 void dequant_avx512(float* dst, const QuantWeight& w, int
   const __m128i low_nibbles = _mm_set1_epi8(0x0F);
   for (int64_t j = 0; j < len; j += kRun) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.bytes + (k0 + j) / 2));
-    const float s = row.scales[(k0 + j) / w.group_size];
+    const float s = half_to_float(row.scales[(k0 + j) / w.group_size]);
     const __m512 vs = _mm512_set1_ps(s), offset = _mm512_set1_ps(-8.0f * s);
     const __m128i lo = _mm_and_si128(b, low_nibbles), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles);
     _mm512_storeu_ps(dst + j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), vs, offset));
@@ -195,6 +195,14 @@ QuantX quantize_x(Isa isa, bool int4, const T* x, int64_t x_stride, int64_t M, i
   return qx;
 }
 
+// The bytes [p, p + len) of the block of rows after this one, `ahead` bytes on, into L1: each block's rows are
+// short streams that the hardware prefetchers pick up late (bench/NOTES.md, quantized decode v3). Prefetches never
+// fault, so the last block's reach past the weight is harmless.
+inline void prefetch_next_block(const void* p, int64_t len, int64_t ahead) {
+  const char* next = static_cast<const char*>(p) + ahead;
+  for (int64_t i = 0; i < len; i += 64) __builtin_prefetch(next + i, 0, 3);
+}
+
 // Weight rows [n0, n0 + rows) x inputs [k0, k0 + kChunk) as bytes in lane order into buf (rows kChunk apart;
 // int8: the signed weights, int4: the unsigned nibbles q + 8; zeros past K). k0 % kChunk == 0.
 void pack_chunk_portable(uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t rows, int64_t k0) {
@@ -203,7 +211,9 @@ void pack_chunk_portable(uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t
     uint8_t* dst = buf + r * kChunk;
     if (len < kChunk) std::memset(dst, 0, kChunk);
     if (w.format == QuantFormat::int8) {
-      std::memcpy(dst, static_cast<const int8_t*>(w.data) + (n0 + r) * w.K + k0, len);
+      const int8_t* src = static_cast<const int8_t*>(w.data) + (n0 + r) * w.K + k0;
+      prefetch_next_block(src, len, rows * w.K);
+      std::memcpy(dst, src, len);
       continue;
     }
     const uint8_t* src = int4_row(w, n0 + r).bytes + k0 / 2;
@@ -225,7 +235,11 @@ PHI_FAST_TARGET_AVX2 void pack_chunk_int4_linear(uint8_t* buf, const QuantWeight
   for (int64_t r = 0; r < rows; ++r) {
     uint8_t* dst = buf + r * kChunk;
     if (len < kChunk) std::memset(dst, 0, kChunk);
-    const uint8_t* src = int4_row(w, n0 + r).bytes + k0 / 2;
+    const Int4Row row = int4_row(w, n0 + r);
+    const uint8_t* src = row.bytes + k0 / 2;
+    const int64_t row_bytes = round_up(w.K, w.group_size) / 2, groups = row_bytes * 2 / w.group_size;
+    prefetch_next_block(src, runs * 16, rows * row_bytes);
+    prefetch_next_block(row.scales + k0 / w.group_size, runs * kRun / w.group_size * 2, rows * groups * 2);
     for (int64_t run = 0; run < runs; ++run) {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + run * 16));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + run * 32), _mm_and_si128(v, low));
@@ -251,14 +265,14 @@ struct BlockArgs {
   const QuantX* qx;
   int64_t M;
   float* acc;  // [M, rows, lanes]
-  const float* scales;  // int4: the block's first row of group scales ([rows, groups])
+  const uint16_t* scales;  // int4: the block's first row of group scales (fp16 bits, [rows, groups])
   int64_t groups;       // int4: scales per row
   int group_shift;      // int4: log2(group size)
 };
 
 // int4 scale of input k's group in row r of the block.
 inline float group_scale(const BlockArgs& a, int64_t r, int64_t k) {
-  return a.scales[r * a.groups + (k >> a.group_shift)];
+  return half_to_float(a.scales[r * a.groups + (k >> a.group_shift)]);
 }
 
 void chunk_portable(const BlockArgs& a) {
@@ -308,7 +322,7 @@ PHI_FAST_TARGET_AVX2 void tile_avx2(const BlockArgs& a, int64_t m0) {
     __m256 ws[R];
     for (int r = 0; r < R; ++r) {
       wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.buf + r * kChunk + u * kRun));
-      ws[r] = _mm256_set1_ps(int4 ? group_scale(a, r, k) : 1.0f);
+      ws[r] = _mm256_set1_ps(int4 ? _cvtsh_ss(a.scales[r * a.groups + (k >> a.group_shift)]) : 1.0f);
     }
     for (int m = 0; m < MT; ++m) {
       const int64_t mm = m0 + m;
@@ -448,7 +462,7 @@ PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n
   const int64_t row_bytes = kInt4 ? kp / 2 : K, groups = kInt4 ? kp / w.group_size : 1;
   const int shift = kInt4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
   const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
-  const float* srow = w.scales + n0 * groups;
+  const uint16_t* srow = kInt4 ? w.group_scales() + n0 * groups : nullptr;
   // int4: the two runs' nibbles, low half shifted by 0, high half by 4; lanes 0-3 / 8-11 take the first run's
   // group scale, 4-7 / 12-15 the second's.
   const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
@@ -467,24 +481,20 @@ PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n
     const bool full = kInt4 ? 2 * u + 2 <= runs : (u + 1) * kUnit <= K;
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = wrow + r * row_bytes;
-      // The same bytes of the next block of rows (R * row_bytes ahead): each block's rows are short streams that
-      // the hardware prefetchers pick up late.
-      // Prefetch instructions never fault, so the last block's reach past the weight is harmless.
-      if (u % (64 / kUnitBytes) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + ahead + u * kUnitBytes), _MM_HINT_T0);
-      if (kInt4 && u % 8 == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(srow + r * groups + R * groups + (u * kUnit >> shift)), _MM_HINT_T0);
-      }
+      // The next block of rows, a line at a time (prefetch_next_block).
+      if (u % (64 / kUnitBytes) == 0) __builtin_prefetch(p + ahead + u * kUnitBytes, 0, 3);
+      if (kInt4 && u % 8 == 0) __builtin_prefetch(srow + (R + r) * groups + (u * kUnit >> shift), 0, 3);
       if constexpr (kInt4) {
         const __m256i packed = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + u * 32))
                                     : _mm256_maskz_loadu_epi8(0xFFFF, p + u * 32);  // one run left
         wv[r] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(packed), nibble_shift), low);
-        const float* s = srow + r * groups;
-        if constexpr (kGroup32) {
-          ws[r] = full ? _mm512_permutexvar_ps(pair, _mm512_castpd_ps(_mm512_castpd128_pd512(
-                                                         _mm_load_sd(reinterpret_cast<const double*>(s + 2 * u)))))
-                       : _mm512_set1_ps(s[2 * u]);
+        const uint16_t* s = srow + r * groups;
+        if constexpr (kGroup32) {  // the unit's two fp16 scales (one 4-byte load), widened, one per run's lanes
+          int32_t two = s[2 * u];  // one run left: the second lanes' scale stays 0 (their weights and x are 0)
+          if (full) std::memcpy(&two, s + 2 * u, 4);
+          ws[r] = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(two))));
         } else {
-          ws[r] = _mm512_set1_ps(s[(u * kUnit) >> shift]);
+          ws[r] = _mm512_set1_ps(_cvtsh_ss(s[(u * kUnit) >> shift]));
         }
       } else {
         const __mmask64 mask = full ? ~__mmask64{0} : (__mmask64{1} << (K - u * kUnit)) - 1;
@@ -541,7 +551,7 @@ void quant_linear_vnni(T* out, const T* x, int64_t x_stride, const QuantWeight& 
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t r = 0; r < rows; ++r) {
           float sum = sums[m * rows + r];
-          if (w.format == QuantFormat::int8) sum *= w.scales[n0 + r];
+          if (w.format == QuantFormat::int8) sum *= w.channel_scales()[n0 + r];
           out[m * w.N + n0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[n0 + r]) : sum);
         }
       }
@@ -593,7 +603,7 @@ void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight
   const bool int4 = w.format == QuantFormat::int4;
   const int64_t groups = int4 ? round_up(w.K, w.group_size) / w.group_size : 1;
   const int group_shift = int4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
-  const float* scales = int4 ? w.scales : nullptr;
+  const uint16_t* scales = int4 ? w.group_scales() : nullptr;
   parallel_rows(blocks, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
     std::vector<uint8_t> buf(kRows * kChunk);
     std::vector<float> acc(M * kRows * lanes);
@@ -609,7 +619,7 @@ void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t r = 0; r < rows; ++r) {
           float sum = lane_sum(isa, acc.data() + (m * rows + r) * lanes);
-          if (w.format == QuantFormat::int8) sum *= w.scales[n0 + r];
+          if (w.format == QuantFormat::int8) sum *= w.channel_scales()[n0 + r];
           out[m * w.N + n0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[n0 + r]) : sum);
         }
       }
