@@ -357,6 +357,64 @@ PHI_FAST_TARGET_AVX2 void chunk_avx2(const BlockArgs& a) {
 }
 
 PHI_FAST_TARGET_AVX2 float lane_sum_avx2(const float* v) { return avx2::hsum(_mm256_loadu_ps(v)); }
+
+// One row m of x times weight rows n0 .. n0 + R - 1 over all of K with the weights unpacked in registers (decode
+// at batch 1: no chunk buffer, every packed byte goes from memory straight into the products; more rows of x take
+// the chunk buffer, which unpacks each weight once for all of them). Units of 32 inputs in input order, as
+// quantize_x lays x out; arithmetic as tile_avx2. sums[r] gets the row's total before the int8 channel scale.
+template <int R, bool kInt4>
+PHI_FAST_TARGET_AVX2 void row_avx2(float* sums, const QuantWeight& w, int64_t n0, const QuantX& qx, int64_t m) {
+  const int64_t K = w.K, units = qx.units;
+  const int64_t kp = kInt4 ? round_up(K, w.group_size) : K;
+  const int64_t row_bytes = kInt4 ? kp / 2 : K, groups = kInt4 ? kp / w.group_size : 1;
+  const int shift = kInt4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
+  constexpr int64_t kUnitBytes = kInt4 ? kRun / 2 : kRun;
+  const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
+  const uint16_t* srow = kInt4 ? w.group_scales() + n0 * groups : nullptr;
+  const int8_t* xq_row = qx.q.data() + m * units * kRun;
+  const float* xs_row = qx.scale.data() + m * units * 8;
+  const float* corr_row = qx.corr.data() + m * units * 8;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t u = 0; u < units; ++u) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq_row + u * kRun));
+    const __m256 xs = _mm256_loadu_ps(xs_row + u * 8);
+    const __m256 corr = kInt4 ? _mm256_loadu_ps(corr_row + u * 8) : _mm256_setzero_ps();
+    const __m256i ax = _mm256_abs_epi8(xq);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = wrow + r * row_bytes + u * kUnitBytes;
+      if (u % (64 / kUnitBytes) == 0) __builtin_prefetch(p + R * row_bytes, 0, 3);  // prefetch_next_block
+      if constexpr (kInt4) {
+        if (u % 32 == 0) __builtin_prefetch(srow + (R + r) * groups + (u * kRun >> shift), 0, 3);
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));  // int4 rows hold whole runs
+        const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
+        const __m256 ws = _mm256_set1_ps(_cvtsh_ss(srow[r * groups + (u * kRun >> shift)]));
+        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xq), ones);  // nibbles u8 x qx s8
+        acc[r] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(d), xs, corr), ws, acc[r]);
+      } else {
+        __m256i wv;
+        if ((u + 1) * kRun <= K) {
+          wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        } else {  // the row's last inputs: never read past them (x is 0 there)
+          alignas(32) int8_t tail[kRun] = {};
+          std::memcpy(tail, p, K - u * kRun);
+          wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+        }
+        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xq)), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), xs, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) sums[r] = avx2::hsum(acc[r]);
+}
+
+template <int R>
+PHI_FAST_TARGET_AVX2 void row_avx2_any(float* sums, const QuantWeight& w, int64_t n0, const QuantX& qx) {
+  if (w.format == QuantFormat::int4) return row_avx2<R, true>(sums, w, n0, qx, 0);
+  row_avx2<R, false>(sums, w, n0, qx, 0);
+}
 #endif
 
 #ifdef PHI_FAST_CPU_AVX512
@@ -589,7 +647,7 @@ template <typename T>
 void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight& w, const T* bias, int64_t M,
                          int num_threads) {
   const Isa isa = pick_isa();
-  const double weight_bytes = w.format == QuantFormat::int8 ? 1.0 : 0.5 + 4.0 / w.group_size;
+  const double weight_bytes = w.format == QuantFormat::int8 ? 1.0 : 0.5 + 2.0 / w.group_size;
   const double weights = static_cast<double>(w.N) * w.K;
   const double work_ns = std::max(stream_ns(weight_bytes * weights), weights * (kNsPerWeight + M * kNsPerProduct));
 #ifdef PHI_FAST_CPU_AVX512
@@ -598,6 +656,29 @@ void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight
   }
 #endif
   const QuantX qx = quantize_x(isa, w.format == QuantFormat::int4, x, x_stride, M, w.K);
+  auto finish = [&](int64_t m, int64_t n0, int64_t r, float sum) {
+    if (w.format == QuantFormat::int8) sum *= w.channel_scales()[n0 + r];
+    out[m * w.N + n0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[n0 + r]) : sum);
+  };
+#ifdef PHI_FAST_CPU_AVX2
+  if (isa == Isa::avx2 && M == 1) {
+    parallel_rows((w.N + kRows - 1) / kRows, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
+      float sums[kRows];
+      const int64_t end = std::min(block_end * kRows, w.N);
+      for (int64_t n0 = block_begin * kRows; n0 < end;) {
+        const int64_t rows = n0 + kRows <= end ? kRows : 1;
+        if (rows == kRows) {
+          row_avx2_any<kRows>(sums, w, n0, qx);
+        } else {
+          row_avx2_any<1>(sums, w, n0, qx);
+        }
+        for (int64_t r = 0; r < rows; ++r) finish(0, n0, r, sums[r]);
+        n0 += rows;
+      }
+    });
+    return;
+  }
+#endif
   const int lanes = qx.lanes;
   const int64_t blocks = (w.N + kRows - 1) / kRows;
   const bool int4 = w.format == QuantFormat::int4;
@@ -617,11 +698,7 @@ void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight
                                  group_shift});
       }
       for (int64_t m = 0; m < M; ++m) {
-        for (int64_t r = 0; r < rows; ++r) {
-          float sum = lane_sum(isa, acc.data() + (m * rows + r) * lanes);
-          if (w.format == QuantFormat::int8) sum *= w.channel_scales()[n0 + r];
-          out[m * w.N + n0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[n0 + r]) : sum);
-        }
+        for (int64_t r = 0; r < rows; ++r) finish(m, n0, r, lane_sum(isa, acc.data() + (m * rows + r) * lanes));
       }
       n0 += rows;
     }
