@@ -221,9 +221,10 @@ def markdown(report: dict) -> str:
 
         for name, r in res.items():
             lc = r.get("llamacpp", {})
-            lines.append(f"| {name} | {ratio(r['decode'], res['bf16']['decode'])} | "
-                         f"{ratio(r['decode_ctx'], res['bf16']['decode_ctx'])} | {ratio(r['prompt'], lc.get('prompt'))} | "
-                         f"{ratio(r['decode'], lc.get('decode'))} | {ratio(r['decode_ctx'], lc.get('decode_ctx'))} |")
+            cells = [ratio(r["decode"], res["bf16"]["decode"]), ratio(r["decode_ctx"], res["bf16"]["decode_ctx"]),
+                     ratio(r["prompt"], lc.get("prompt")), ratio(r["decode"], lc.get("decode")),
+                     ratio(r["decode_ctx"], lc.get("decode_ctx"))]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,11 +7,12 @@
 // the kernel's only departure from the reference (dequantize, then matmul); python_tests/test_quant_* measure it.
 // int4 weights enter the products as their stored nibbles q + 8 (unsigned, as the u8 x s8 instructions want);
 // the 8 * sum(qx) surplus is taken off with a per-lane correction precomputed with x.
-// Loop order: output rows kRows at a time; for each chunk of kChunk inputs the kRows rows are laid out in a small
-// byte buffer in the instruction's lane order (int4 nibbles unpacked), then every row of x is multiplied with it
-// (accumulators in a buffer between chunks), so each packed weight is read from memory once per call.
-// Paths (chosen at run time): VNNI (AVX512-VNNI dpbusd on 64 weights) when avx512::enabled() and the CPU has
-// it, else AVX2 (maddubs + madd on 32 weights), else portable loops with the same arithmetic.
+// Loop order: output rows kRows at a time, each packed weight read from memory once per call. Paths (chosen at run
+// time): VNNI (AVX512-VNNI dpbusd on 64 weights) when avx512::enabled() and the CPU has it: weights unpacked in
+// registers, every row of x multiplied with them; else AVX2 (maddubs + madd on 32 weights): in registers for one
+// row of x, and for more rows through a chunk buffer (per chunk of kChunk inputs the kRows rows laid out in lane
+// order, int4 nibbles unpacked, then every row of x multiplied with it); else portable loops (the chunk buffer)
+// with the same arithmetic. Decode GEMVs are read-bound, so each block prefetches the next one's bytes.
 // dequantize_rows (the prompt path: fp32 tiles for torch's GEMM) unpacks to fp32 exactly: AVX-512, AVX2 or scalar.
 // Threads: N split into one contiguous range of kRows-row blocks per thread, only when the call is big enough to
 // pay for a team (kernel_utils.h).
@@ -428,7 +429,8 @@ PHI_FAST_TARGET_AVX2 void row_avx2_any(float* sums, const QuantWeight& w, int64_
 // integer sums are exact and x alone pays for the offset. Per unit and row of x, one float step per (weight
 // row): acc += float(dot) * (x block scale * weight group scale) lane by lane (int8: the per-channel scale once at
 // the end). Rows of x come kMt at a time with their kRows x kMt accumulators in registers over the whole of K;
-// more rows of x re-read the block's packed rows (from L1 / L2) and unpack them again.
+// more rows of x re-read the block's packed rows (from L1 / L2) and unpack them again. Each unit also prefetches
+// the next block's bytes (prefetch_next_block), and int4's fp16 group scales are widened once per block.
 
 #define PHI_FAST_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
@@ -514,13 +516,14 @@ PHI_FAST_TARGET_VNNI VnniX quantize_x_vnni(bool int4, const T* x, int64_t x_stri
 // MT rows of x (from m0) times the R weight rows n0 .. n0 + R - 1 over all of K: out[m * N + n0 + r] (before the
 // int8 channel scale and the bias) into sums[m * R + r].
 template <int MT, int R, bool kInt4, bool kGroup32>
-PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t m0) {
+PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t m0,
+                                    const float* scales) {
   const int64_t K = w.K, units = qx.units;
   const int64_t kp = kInt4 ? round_up(K, w.group_size) : K;
   const int64_t row_bytes = kInt4 ? kp / 2 : K, groups = kInt4 ? kp / w.group_size : 1;
   const int shift = kInt4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
   const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
-  const uint16_t* srow = kInt4 ? w.group_scales() + n0 * groups : nullptr;
+  const uint16_t* next_scales = kInt4 ? w.group_scales() + (n0 + R) * groups : nullptr;  // for the prefetch
   // int4: the two runs' nibbles, low half shifted by 0, high half by 4; lanes 0-3 / 8-11 take the first run's
   // group scale, 4-7 / 12-15 the second's.
   const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
@@ -541,18 +544,18 @@ PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n
       const uint8_t* p = wrow + r * row_bytes;
       // The next block of rows, a line at a time (prefetch_next_block).
       if (u % (64 / kUnitBytes) == 0) __builtin_prefetch(p + ahead + u * kUnitBytes, 0, 3);
-      if (kInt4 && u % 8 == 0) __builtin_prefetch(srow + (R + r) * groups + (u * kUnit >> shift), 0, 3);
+      if (kInt4 && u % 16 == 0) __builtin_prefetch(next_scales + r * groups + (u * kUnit >> shift), 0, 3);
       if constexpr (kInt4) {
         const __m256i packed = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + u * 32))
                                     : _mm256_maskz_loadu_epi8(0xFFFF, p + u * 32);  // one run left
         wv[r] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(packed), nibble_shift), low);
-        const uint16_t* s = srow + r * groups;
-        if constexpr (kGroup32) {  // the unit's two fp16 scales (one 4-byte load), widened, one per run's lanes
-          int32_t two = s[2 * u];  // one run left: the second lanes' scale stays 0 (their weights and x are 0)
-          if (full) std::memcpy(&two, s + 2 * u, 4);
-          ws[r] = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(two))));
+        const float* s = scales + r * groups;
+        if constexpr (kGroup32) {  // the unit's two scales (one 8-byte load), one per run's lanes
+          ws[r] = full ? _mm512_permutexvar_ps(pair, _mm512_castpd_ps(_mm512_castpd128_pd512(
+                                                         _mm_load_sd(reinterpret_cast<const double*>(s + 2 * u)))))
+                       : _mm512_set1_ps(s[2 * u]);
         } else {
-          ws[r] = _mm512_set1_ps(_cvtsh_ss(s[(u * kUnit) >> shift]));
+          ws[r] = _mm512_set1_ps(s[(u * kUnit) >> shift]);
         }
       } else {
         const __mmask64 mask = full ? ~__mmask64{0} : (__mmask64{1} << (K - u * kUnit)) - 1;
@@ -576,19 +579,29 @@ PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n
   }
 }
 
-// Weight rows n0 .. n0 + R - 1 times every row of x.
+// Weight rows n0 .. n0 + R - 1 times every row of x. int4: the rows' fp16 group scales are widened to fp32 into
+// scratch ([R, groups]) once per block, 16 at a time, so the inner loop takes them with one load and a permute.
 template <int R, bool kInt4, bool kGroup32>
-PHI_FAST_TARGET_VNNI void rows_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M) {
+PHI_FAST_TARGET_VNNI void rows_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M,
+                                    float* scratch) {
+  if constexpr (kInt4) {
+    const int64_t count = R * (round_up(w.K, w.group_size) / w.group_size);
+    const uint16_t* src = w.group_scales() + n0 * (count / R);
+    for (int64_t i = 0; i < count; i += 16) {
+      const __mmask16 mask = count - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - i)) - 1);
+      _mm512_mask_storeu_ps(scratch + i, mask, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src + i)));
+    }
+  }
   int64_t m = 0;
-  for (; m + kMt <= M; m += kMt) tile_vnni<kMt, R, kInt4, kGroup32>(sums + m * R, w, n0, qx, m);
-  if (m < M) tile_vnni<1, R, kInt4, kGroup32>(sums + m * R, w, n0, qx, m);
+  for (; m + kMt <= M; m += kMt) tile_vnni<kMt, R, kInt4, kGroup32>(sums + m * R, w, n0, qx, m, scratch);
+  if (m < M) tile_vnni<1, R, kInt4, kGroup32>(sums + m * R, w, n0, qx, m, scratch);
 }
 
 template <int R>
-void rows_vnni_any(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M) {
-  if (w.format == QuantFormat::int8) return rows_vnni<R, false, false>(sums, w, n0, qx, M);
-  if (w.group_size == 32) return rows_vnni<R, true, true>(sums, w, n0, qx, M);
-  rows_vnni<R, true, false>(sums, w, n0, qx, M);
+void rows_vnni_any(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M, float* scratch) {
+  if (w.format == QuantFormat::int8) return rows_vnni<R, false, false>(sums, w, n0, qx, M, scratch);
+  if (w.group_size == 32) return rows_vnni<R, true, true>(sums, w, n0, qx, M, scratch);
+  rows_vnni<R, true, false>(sums, w, n0, qx, M, scratch);
 }
 
 template <typename T>
@@ -598,13 +611,15 @@ void quant_linear_vnni(T* out, const T* x, int64_t x_stride, const QuantWeight& 
   const int64_t blocks = (w.N + kRows - 1) / kRows;
   parallel_rows(blocks, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
     std::vector<float> sums(M * kRows);
+    const int64_t groups = w.format == QuantFormat::int4 ? round_up(w.K, w.group_size) / w.group_size : 0;
+    std::vector<float> scales(kRows * groups);  // int4: rows_vnni's fp32 group scales of one block
     const int64_t end = std::min(block_end * kRows, w.N);
     for (int64_t n0 = block_begin * kRows; n0 < end;) {
       const int64_t rows = n0 + kRows <= end ? kRows : 1;
       if (rows == kRows) {
-        rows_vnni_any<kRows>(sums.data(), w, n0, qx, M);
+        rows_vnni_any<kRows>(sums.data(), w, n0, qx, M, scales.data());
       } else {
-        rows_vnni_any<1>(sums.data(), w, n0, qx, M);
+        rows_vnni_any<1>(sums.data(), w, n0, qx, M, scales.data());
       }
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t r = 0; r < rows; ++r) {
@@ -617,6 +632,7 @@ void quant_linear_vnni(T* out, const T* x, int64_t x_stride, const QuantWeight& 
     }
   });
 }
+
 #endif
 
 Isa pick_isa() {
