@@ -10,14 +10,15 @@ the same Phi-2 text weights as a transformers Phi checkpoint in fp16, converted 
 (the tokenizer's pre-tokenizer declared "phi-2": ../shared/notes/llamacpp-baseline.md) and quantized with
 llama-quantize; it is a baseline only, found at --llamacpp (build/bin/llama-bench, the vendored source tree).
 Measured, per precision (phi_fast: model dtype bf16, linears packed at load time for int8/int4):
-- prompt: a 620-token text prompt, tokens / s of the prefill (phi_fast: engine step that makes the first token;
+- prompt: a 620-token text prompt, tokens / s of the prefill (phi_fast: the engine steps up to the first token;
   llama-bench: pp620);
 - decode: 64 tokens after a 1-token prompt and after a 620-token prompt, tokens / s of the decode steps
   (llama-bench: tg64 and tg64 at depth 620), greedy, batch 1;
 - the memory floor: bytes read per token (decoder weights + lm_head, packed or not) / the read bandwidth measured
   in the same run (a sum over 256 MiB).
-llama-bench runs with -fa 0 (its faster decode setting on this machine kind), --repack 0 and -r reps. phi_fast takes the best
-of --reps repetitions (medians would need more time than the run has). OMP_WAIT_POLICY=passive for both stacks.
+llama-bench runs with -r reps at its best setting: each cell the better of -fa 0 and -fa 1, weights repacked
+(its default; --repack 0 only if that crashes). phi_fast takes the best of --reps repetitions (medians would need
+more time than the run has). OMP_WAIT_POLICY=passive for both stacks.
 Writes bench/results/quant_cpu-cpu-<cores>core-<date>.{json,md}.
 """
 
@@ -125,19 +126,27 @@ def gguf_models(hf_dir: Path, llamacpp: Path, folder: Path) -> dict[str, Path]:
 
 
 def llama_bench(llamacpp: Path, model: Path, threads: int, reps: int, n: int, context: int) -> dict[str, float]:
-    """tokens/s of llama-bench: prompt (pp<context>), decode (tg<n>) and decode at depth <context>."""
+    """tokens/s of llama-bench at its best setting: prompt (pp<context>), decode (tg<n>) and decode at depth
+    <context>, each the best of flash attention off and on (-fa 0,1), with its default weight repacking (falling
+    back to --repack 0 where repacking crashes, as it did on the AVX-512 machine of the 2026-12-01 run)."""
     exe = str(llamacpp / "build" / "bin" / "llama-bench")
-    # --repack 0: with its default weight repacking, this build's Q8_0 and Q4_0 crash (SIGSEGV in libggml-cpu) on
-    # the AVX-512 machine of the 2026-12-01 run; F16 is not repacked either way.
-    common = ["-m", str(model), "-t", str(threads), "-r", str(reps), "-fa", "0", "--repack", "0", "-o", "json"]
-    runs = json.loads(subprocess.run([exe, *common, "-p", str(context), "-n", str(n)], check=True,
-                                     capture_output=True, text=True).stdout)
-    runs += json.loads(subprocess.run([exe, *common, "-p", "0", "-n", str(n), "-d", str(context)], check=True,
-                                      capture_output=True, text=True).stdout)
-    out = {}
+    tests = (["-p", str(context), "-n", str(n)], ["-p", "0", "-n", str(n), "-d", str(context)])
+
+    def run(extra: list[str]) -> list[dict]:
+        common = ["-m", str(model), "-t", str(threads), "-r", str(reps), "-fa", "0,1", "-o", "json", *extra]
+        return [r for t in tests for r in json.loads(subprocess.run([exe, *common, *t], check=True,
+                                                                    capture_output=True, text=True).stdout)]
+    try:
+        runs, repack = run([]), True
+    except subprocess.CalledProcessError as e:
+        log.warning("llama-bench with weight repacking failed (%s); measuring with --repack 0", e)
+        runs, repack = run(["--repack", "0"]), False
+    out: dict = {"repack": repack}
     for r in runs:
         key = "prompt" if r["n_prompt"] else ("decode_ctx" if r.get("n_depth", 0) else "decode")
-        out[key] = round(r["avg_ts"], 2)
+        ts = round(r["avg_ts"], 2)
+        if ts > out.get(key, 0.0):
+            out[key], out[key + "_flash_attn"] = ts, r.get("flash_attn")
     return out
 
 
@@ -151,11 +160,13 @@ def decode_bytes(model: phi_fast.Model) -> int:
 
 
 def run_ours(model: phi_fast.Model, ids: list[int], n: int) -> tuple[float, float]:
-    """(seconds of the prefill step, seconds of the n - 1 decode steps after it) for one request."""
+    """(seconds of the prefill, seconds of the n - 1 decode steps after it) for one request. The prefill is every
+    step until the first token: a prompt longer than the token budget (512 on the CPU) takes several."""
     engine = model.engine
     req = engine.add(ids, [], SamplingParams(max_new_tokens=n, ignore_eos=True))
     t0 = time.perf_counter()
-    engine.step()
+    while not req.output_ids and not req.finished:
+        engine.step()
     t1 = time.perf_counter()
     while not req.finished:
         engine.step()
@@ -201,6 +212,19 @@ def markdown(report: dict) -> str:
                      f"{r['floor_tok_s']} |")
     lines.append("")
     lines.append("tokens / s; decode = 64 tokens after a 1-token prompt; @620 = after a 620-token prompt.")
+    res = report["results"]
+    if "bf16" in res:
+        lines += ["", "| precision | decode / phi_fast bf16 | @620 / phi_fast bf16 | prompt / llama.cpp | "
+                  "decode / llama.cpp | @620 / llama.cpp |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        def ratio(a: float, b: float | None) -> str:
+            return f"{a / b:.2f}x" if b else "-"
+
+        for name, r in res.items():
+            lc = r.get("llamacpp", {})
+            cells = [ratio(r["decode"], res["bf16"]["decode"]), ratio(r["decode_ctx"], res["bf16"]["decode_ctx"]),
+                     ratio(r["prompt"], lc.get("prompt")), ratio(r["decode"], lc.get("decode")),
+                     ratio(r["decode_ctx"], lc.get("decode_ctx"))]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

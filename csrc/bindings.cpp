@@ -77,7 +77,7 @@ PYBIND11_MODULE(PHI_FAST_MODULE, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
   m.def("quant_linear", &quant_linear,
         "out = x @ dequantize(qweight, scales)^T + bias. x: [M, K]; qweight: int8 [N, K] or packed int4 uint8 "
-        "[N, Kp / 2]; scales: fp32 [N] or [N, Kp / G] -> [M, N].",
+        "[N, Kp / 2]; scales: fp32 [N] or fp16 [N, Kp / G] -> [M, N].",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("bias") = py::none());
   m.def("dequantize", &dequantize, "int8 / packed int4 weights -> fp32 [N, in_features].", py::arg("qweight"),
         py::arg("scales"), py::arg("in_features"));

@@ -3,10 +3,14 @@
 Formats (the kernels' contract: csrc/cpu/quant_linear.h; the math: phi_fast.reference.dequantize):
 - "int8": one fp32 scale per output channel, scale = max|w[n, :]| / 127, q = round(w / scale) in [-127, 127];
   qweight int8 [N, K], scales fp32 [N].
-- "int4": groups of G consecutive inputs (G a multiple of 32; default DEFAULT_GROUP_SIZE), one fp32 scale per
-  group, symmetric like llama.cpp's Q4_0: the group's weight of largest magnitude m maps to -8, scale = m / -8,
-  q = clamp(round(w / scale), -8, 7). K is padded with zeros up to Kp (a multiple of G). qweight uint8 [N, Kp / 2]:
-  each run of 32 weights is 16 bytes, byte i = (q[i] + 8) | (q[i + 16] + 8) << 4; scales fp32 [N, Kp / G].
+- "int4": groups of G consecutive inputs (G a multiple of 32; default DEFAULT_GROUP_SIZE), one fp16 scale per
+  group, symmetric like llama.cpp's Q4_0: the group's weight of largest magnitude m maps to -8, scale =
+  fp16(m / -8), q = clamp(round(w / scale), -8, 7) with that rounded scale. K is padded with zeros up to Kp (a
+  multiple of G). qweight uint8 [N, Kp / 2]: each run of 32 weights is 16 bytes, byte i = (q[i] + 8) |
+  (q[i + 16] + 8) << 4; scales fp16 [N, Kp / G]. At G = 32 that is 4.5 bits per weight, Q4_0's size: decode reads
+  the weights once per token, and fp32 scales would add 11% to those bytes (bench/NOTES.md, quantized decode v3).
+  Groups whose largest weight is below ~5e-4 get a subnormal scale (fewer significant bits), below ~5e-7 zero;
+  a weight above 8 * 65504 cannot be represented and is refused.
 Decode-sized products (up to 16 rows of x) quantize the activations on the fly to int8 in blocks of 32 (scale
 max|x| / 127) and use integer dot products, like llama.cpp's Q8_0 x Q8_0 / Q4_0 x Q8_0; prompts dequantize the
 weights tile by tile into torch's GEMM and keep the activations as they are (csrc/cpu/quant_linear.cpp).
@@ -73,7 +77,7 @@ class QuantizedWeight:
     """A packed linear weight [out_features, in_features] (formats in the module docstring)."""
 
     qweight: torch.Tensor  # int8 [N, K] or uint8 [N, Kp / 2]
-    scales: torch.Tensor  # fp32 [N] or [N, Kp / G]
+    scales: torch.Tensor  # int8: fp32 [N]; int4: fp16 [N, Kp / G]
     in_features: int
 
     @property
@@ -99,7 +103,7 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * 4
+        return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * self.scales.element_size()
 
     def dequantize(self) -> torch.Tensor:
         """fp32 [out_features, in_features] (the reference's dequantization)."""
@@ -136,8 +140,13 @@ def _quantize_rows(w: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, 
     kp = max(-(-k // g), 1) * g
     w = torch.nn.functional.pad(w, (0, kp - k)).view(n, kp // g, g)
     extreme = w.gather(2, w.abs().argmax(dim=2, keepdim=True))  # [n, groups, 1], signed
-    scale = extreme / -8.0
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = (extreme / -8.0).half()
+    if not torch.isfinite(scale).all():
+        if torch.isnan(extreme).any():
+            raise ValueError("quantize int4: the weight holds NaN")
+        raise ValueError(f"quantize int4: a weight of magnitude {extreme.abs().max().item():.6g} is beyond what fp16 "
+                         f"group scales hold (at most 8 * 65504)")
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
     q = (torch.round(w / safe).clamp_(-8, 7) + 8).to(torch.uint8).view(n, kp // _RUN, 2, _RUN // 2)
     packed = q[:, :, 0] | (q[:, :, 1] << 4)  # [n, runs, 16]: byte i = q[i] | q[i + 16] << 4
     return packed.reshape(n, kp // 2).contiguous(), scale.view(n, kp // g).contiguous()

@@ -2,9 +2,10 @@
 
 The saved folder is LLaVA-Phi's own layout (spec/llava-phi.md section 4: transformers-4.36 Phi names, fused
 per-head qkv), so config.py and weights.py read it like any other; a quantized linear `KEY.weight` holds the packed
-weight (int8 [N, K], or uint8 [N, Kp / 2] for int4: phi_fast.quant) and `KEY.weight_scale` its fp32 scales, and
-config.json says how under `quantization_config`. Loading such a folder reads the packed tensors as they are: no
-re-quantization and no original checkpoint needed. Tokenizer files are copied alongside.
+weight (int8 [N, K], or uint8 [N, Kp / 2] for int4: phi_fast.quant) and `KEY.weight_scale` its scales (fp32 per
+channel for int8, fp16 per group for int4), and config.json says how under `quantization_config`. Loading such a
+folder reads the packed tensors as they are: no re-quantization and no original checkpoint needed. Tokenizer files
+are copied alongside.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 SCALE_SUFFIX = "_scale"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json",
                    "tokenizer_config.json")
-_PACKED_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "F32": torch.float32}
+_PACKED_DTYPES = {"I8": torch.int8, "U8": torch.uint8}
 
 
 def read_quant_config(model_dir: str | Path) -> QuantConfig | None:
@@ -122,15 +123,17 @@ def _check_packed(entry, table: dict[str, W.TensorInfo], quant: QuantConfig) -> 
         want = {key: ("I8", (n, k)), key + SCALE_SUFFIX: ("F32", (n,))}
     else:
         kp = -(-k // quant.group_size) * quant.group_size
-        want = {key: ("U8", (n, kp // 2)), key + SCALE_SUFFIX: ("F32", (n, kp // quant.group_size))}
+        want = {key: ("U8", (n, kp // 2)), key + SCALE_SUFFIX: ("F16", (n, kp // quant.group_size))}
     problems = []
     for name, (dtype, shape) in want.items():
         info = table.get(name)
         if info is None:
             problems.append(f"missing tensor {name!r} (for {entry.name}, {quant.format})")
         elif (info.dtype, info.shape) != (dtype, shape):
+            hint = (" (fp32 int4 scales: written by an older phi_fast; quantize the full-precision checkpoint "
+                    "again)" if quant.format == "int4" and info.dtype == "F32" and dtype == "F16" else "")
             problems.append(f"{info.file}: tensor {name!r} is {info.dtype}{list(info.shape)}, expected "
-                            f"{dtype}{list(shape)} for {quant.format}")
+                            f"{dtype}{list(shape)} for {quant.format}{hint}")
     return problems
 
 

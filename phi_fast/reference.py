@@ -161,7 +161,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
     """int8 / packed int4 weights -> fp32 [N, in_features] (formats: phi_fast.quant).
 
-    qweight int8 [N, K], scales fp32 [N]: w = q * scale. qweight uint8 [N, Kp / 2] (packed int4), scales fp32
+    qweight int8 [N, K], scales fp32 [N]: w = q * scale. qweight uint8 [N, Kp / 2] (packed int4), scales fp16
     [N, Kp / G]: each 16-byte run holds 32 weights (byte i: weight i in the low nibble, weight i + 16 in the high
     one, as q + 8), w = (nibble - 8) * scale of its group of G; columns past in_features are padding.
     """
@@ -178,7 +178,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, in_features: int) ->
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """out = x @ dequantize(qweight, scales, K)^T + bias. x: [M, K]; qweight: int8 [N, K] or packed int4 uint8
-    [N, Kp / 2]; scales: fp32 [N] or [N, Kp / G]; bias: [N] or None -> [M, N] in x's dtype."""
+    [N, Kp / 2]; scales: fp32 [N] or fp16 [N, Kp / G]; bias: [N] or None -> [M, N] in x's dtype."""
     w = dequantize(qweight, scales, x.shape[1])
     return F.linear(x.float(), w, bias.float() if bias is not None else None).to(x.dtype)
 

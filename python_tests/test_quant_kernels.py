@@ -73,7 +73,7 @@ def test_int8_format():
 @pytest.mark.parametrize("k", [1, 31, 33, 100, 257])
 def test_quantization_error_is_at_most_one_step(cfg, k):
     """Every weight is within half a step of its dequantized value (a full step where int4 clamps +8 to +7), the
-    group's extreme is exact, and padding past K never shows."""
+    group's extreme comes back to within its fp16 scale's rounding (int4), and padding past K never shows."""
     w = _randn(19, k, seed=k) * torch.linspace(0.01, 3.0, 19)[:, None]
     packed = quantize(w, cfg)
     deq = packed.dequantize()
@@ -86,8 +86,11 @@ def test_quantization_error_is_at_most_one_step(cfg, k):
         assert packed.qweight.shape == (19, kp // 2) and packed.scales.shape == (19, kp // cfg.group_size)
         step = packed.scales.abs().repeat_interleave(cfg.group_size, dim=1)[:, :k]
         assert (w - deq).abs().le(step * (1 + 1e-6)).all()
-    extreme = w.abs().argmax(dim=1)
-    assert torch.equal(deq.gather(1, extreme[:, None]), w.gather(1, extreme[:, None])) or cfg.format == "int8"
+    if cfg.format == "int4":
+        assert packed.scales.dtype == torch.float16
+        extreme = w.abs().argmax(dim=1, keepdim=True)
+        exact = w.gather(1, extreme)
+        assert (deq.gather(1, extreme) - exact).abs().le(exact.abs() * 2.0**-11).all()  # fp16: 11 significant bits
 
 
 def test_quantize_rejects_bad_input():
@@ -97,6 +100,21 @@ def test_quantize_rejects_bad_input():
         QuantConfig("int4", 48)
     with pytest.raises(ValueError, match=r"weight must be 2-D \[N, K\], got shape \[4\]"):
         quantize(torch.ones(4), QuantConfig("int8"))
+    huge = torch.ones(2, 32)
+    huge[1, 3] = 6e5  # its group's scale 6e5 / 8 is past fp16's 65504
+    with pytest.raises(ValueError, match=r"a weight of magnitude 600000 is beyond what fp16 group scales hold"):
+        quantize(huge, QuantConfig("int4"))
+    huge[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="the weight holds NaN"):
+        quantize(huge, QuantConfig("int4"))
+
+
+def test_int4_tiny_groups_flush_to_zero_not_nan():
+    """Group scales below fp16's smallest subnormal become 0: the group dequantizes to zeros, never NaN."""
+    w = torch.ones(1, 64)
+    w[0, 32:] = 1e-9
+    deq = quantize(w, QuantConfig("int4")).dequantize()
+    assert torch.equal(deq[0, :32], torch.ones(32)) and torch.equal(deq[0, 32:], torch.zeros(32))
 
 
 def test_quantized_names():
@@ -293,6 +311,8 @@ def _error_cases() -> dict[str, tuple]:
                                                backend=CPP), ValueError, r"power of two >= 32"),
         "scales dtype": (lambda: ops.quant_linear(x, w8.qweight, w8.scales.half(), backend=CPP),
                          RuntimeError, r"quant_linear: scales has dtype float16, expected float32"),
+        "int4 scales dtype": (lambda: ops.quant_linear(x, w4.qweight, w4.scales.float(), backend=CPP),
+                              RuntimeError, r"quant_linear: scales has dtype float32, expected float16"),
         "scales shape": (lambda: ops.quant_linear(x, w8.qweight, w8.scales[:15], backend=CPP),
                          RuntimeError, r"quant_linear: scales must have shape \[N\] = \[16\], got \[15\]"),
         "qweight dtype": (lambda: ops.quant_linear(x, w8.qweight.int(), w8.scales, backend=CPP),

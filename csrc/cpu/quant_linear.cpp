@@ -7,11 +7,12 @@
 // the kernel's only departure from the reference (dequantize, then matmul); python_tests/test_quant_* measure it.
 // int4 weights enter the products as their stored nibbles q + 8 (unsigned, as the u8 x s8 instructions want);
 // the 8 * sum(qx) surplus is taken off with a per-lane correction precomputed with x.
-// Loop order: output rows kRows at a time; for each chunk of kChunk inputs the kRows rows are laid out in a small
-// byte buffer in the instruction's lane order (int4 nibbles unpacked), then every row of x is multiplied with it
-// (accumulators in a buffer between chunks), so each packed weight is read from memory once per call.
-// Paths (chosen at run time): VNNI (AVX512-VNNI dpbusd on 64 weights) when avx512::enabled() and the CPU has
-// it, else AVX2 (maddubs + madd on 32 weights), else portable loops with the same arithmetic.
+// Loop order: output rows kRows at a time, each packed weight read from memory once per call. Paths (chosen at run
+// time): VNNI (AVX512-VNNI dpbusd on 64 weights) when avx512::enabled() and the CPU has it: weights unpacked in
+// registers, every row of x multiplied with them; else AVX2 (maddubs + madd on 32 weights): in registers for one
+// row of x, and for more rows through a chunk buffer (per chunk of kChunk inputs the kRows rows laid out in lane
+// order, int4 nibbles unpacked, then every row of x multiplied with it); else portable loops (the chunk buffer)
+// with the same arithmetic. Decode GEMVs are read-bound, so each block prefetches the next one's bytes.
 // dequantize_rows (the prompt path: fp32 tiles for torch's GEMM) unpacks to fp32 exactly: AVX-512, AVX2 or scalar.
 // Threads: N split into one contiguous range of kRows-row blocks per thread, only when the call is big enough to
 // pay for a team (kernel_utils.h).
@@ -45,12 +46,12 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // Row n of an int4 weight: its 16-byte runs and its group scales.
 struct Int4Row {
   const uint8_t* bytes;
-  const float* scales;
+  const uint16_t* scales;  // fp16 bits
 };
 
 inline Int4Row int4_row(const QuantWeight& w, int64_t n) {
   const int64_t kp = round_up(w.K, w.group_size);
-  return {static_cast<const uint8_t*>(w.data) + n * (kp / 2), w.scales + n * (kp / w.group_size)};
+  return {static_cast<const uint8_t*>(w.data) + n * (kp / 2), w.group_scales() + n * (kp / w.group_size)};
 }
 
 // ---- dequantize w[n, k0 .. k0 + len) into dst: int8 writes len values, int4 whole runs (k0 % 32 == 0) ----
@@ -58,14 +59,14 @@ inline Int4Row int4_row(const QuantWeight& w, int64_t n) {
 void dequant_portable(float* dst, const QuantWeight& w, int64_t n, int64_t k0, int64_t len) {
   if (w.format == QuantFormat::int8) {
     const int8_t* q = static_cast<const int8_t*>(w.data) + n * w.K + k0;
-    const float s = w.scales[n];
+    const float s = w.channel_scales()[n];
     for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<float>(q[j]) * s;
     return;
   }
   const Int4Row row = int4_row(w, n);
   for (int64_t j = 0; j < len; j += kRun) {
     const uint8_t* b = row.bytes + (k0 + j) / 2;
-    const float s = row.scales[(k0 + j) / w.group_size];
+    const float s = half_to_float(row.scales[(k0 + j) / w.group_size]);
     for (int i = 0; i < 16; ++i) {
       dst[j + i] = static_cast<float>((b[i] & 15) - 8) * s;
       dst[j + 16 + i] = static_cast<float>((b[i] >> 4) - 8) * s;
@@ -78,7 +79,7 @@ void dequant_portable(float* dst, const QuantWeight& w, int64_t n, int64_t k0, i
 PHI_FAST_TARGET_AVX2 void dequant_avx2(float* dst, const QuantWeight& w, int64_t n, int64_t k0, int64_t len) {
   if (w.format == QuantFormat::int8) {
     const int8_t* q = static_cast<const int8_t*>(w.data) + n * w.K + k0;
-    const float s = w.scales[n];
+    const float s = w.channel_scales()[n];
     const __m256 vs = _mm256_set1_ps(s);
     int64_t j = 0;
     for (; j + 8 <= len; j += 8) {
@@ -92,7 +93,7 @@ PHI_FAST_TARGET_AVX2 void dequant_avx2(float* dst, const QuantWeight& w, int64_t
   const __m128i low_nibbles = _mm_set1_epi8(0x0F);
   for (int64_t j = 0; j < len; j += kRun) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.bytes + (k0 + j) / 2));
-    const float s = row.scales[(k0 + j) / w.group_size];
+    const float s = half_to_float(row.scales[(k0 + j) / w.group_size]);
     const __m256 vs = _mm256_set1_ps(s), offset = _mm256_set1_ps(-8.0f * s);
     const __m128i lo = _mm_and_si128(b, low_nibbles), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles);
     const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
@@ -109,7 +110,7 @@ PHI_FAST_TARGET_AVX2 void dequant_avx2(float* dst, const QuantWeight& w, int64_t
 PHI_FAST_TARGET_AVX512 void dequant_avx512(float* dst, const QuantWeight& w, int64_t n, int64_t k0, int64_t len) {
   if (w.format == QuantFormat::int8) {
     const int8_t* q = static_cast<const int8_t*>(w.data) + n * w.K + k0;
-    const float s = w.scales[n];
+    const float s = w.channel_scales()[n];
     const __m512 vs = _mm512_set1_ps(s);
     int64_t j = 0;
     for (; j + 16 <= len; j += 16) {
@@ -123,7 +124,7 @@ PHI_FAST_TARGET_AVX512 void dequant_avx512(float* dst, const QuantWeight& w, int
   const __m128i low_nibbles = _mm_set1_epi8(0x0F);
   for (int64_t j = 0; j < len; j += kRun) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.bytes + (k0 + j) / 2));
-    const float s = row.scales[(k0 + j) / w.group_size];
+    const float s = half_to_float(row.scales[(k0 + j) / w.group_size]);
     const __m512 vs = _mm512_set1_ps(s), offset = _mm512_set1_ps(-8.0f * s);
     const __m128i lo = _mm_and_si128(b, low_nibbles), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low_nibbles);
     _mm512_storeu_ps(dst + j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), vs, offset));
@@ -134,27 +135,15 @@ PHI_FAST_TARGET_AVX512 void dequant_avx512(float* dst, const QuantWeight& w, int
 #endif
 
 
-// ---- integer kernels ----
+// ---- integer kernels, AVX2 and portable: weights through a chunk buffer ----
 //
-// A unit is the inputs one instruction step covers: 64 for VNNI (one zmm of bytes), 32 for AVX2 (one ymm) and
-// for the portable loops. Activations and weight buffers hold each unit's bytes in the same lane order:
-// - VNNI int4: a unit is two runs r0, r1 and is laid out [r0 low nibbles, r1 low, r0 high, r1 high], i.e. inputs
-//   [0..15, 32..47, 16..31, 48..63] of the unit (what one 32-byte load of the two runs unpacks into);
-// - everything else: inputs in order.
-// Per unit, lanes_of(isa) fp32 lane vectors carry what each 32-bit lane of the int32 products needs: the activation
-// scale of its block, and (int4) the correction 8 * scale * (sum of the lane's four qx).
+// A unit is the inputs one instruction step covers: 32 (one ymm of bytes for AVX2; the portable loops use the
+// same), inputs in order. Per unit, lanes_of(isa) fp32 lane values carry what each 32-bit lane of the int32
+// products needs: the activation scale of its block, and (int4) the correction 8 * scale * (sum of the lane's qx).
 
-int unit_of(Isa isa) { return isa == Isa::vnni ? 64 : 32; }
-int lanes_of(Isa isa) { return isa == Isa::vnni ? 16 : (isa == Isa::avx2 ? 8 : 1); }
+int lanes_of(Isa isa) { return isa == Isa::avx2 ? 8 : 1; }
 
-// The input of the unit (0 .. unit - 1) held at position p of the lane order.
-inline int unit_input(Isa isa, bool int4, int p) {
-  if (isa != Isa::vnni || !int4) return p;
-  return ((p % 32) / 16) * 32 + (p / 32) * 16 + p % 16;
-}
-
-// x quantized for one call: q [M, units * unit] in lane order (VNNI int8: stored + 128, as unsigned bytes),
-// scale and corr [M, units, lanes] (portable: one value per unit).
+// x quantized for one call: q [M, units * 32], scale and corr [M, units, lanes] (portable: one value per unit).
 struct QuantX {
   int64_t units = 0;
   int unit = 32, lanes = 1;
@@ -168,66 +157,51 @@ inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
 template <typename T>
 QuantX quantize_x(Isa isa, bool int4, const T* x, int64_t x_stride, int64_t M, int64_t K) {
   QuantX qx;
-  qx.unit = unit_of(isa);
   qx.lanes = lanes_of(isa);
-  qx.units = (K + qx.unit - 1) / qx.unit;
-  const int64_t row = qx.units * qx.unit, blocks = row / kRun;
-  const int lane_width = qx.unit / qx.lanes;  // inputs per 32-bit lane (4), or the whole unit (portable)
-  qx.q.assign(M * row, 0);
-  qx.scale.assign(M * qx.units * qx.lanes, 0.0f);
-  qx.corr.assign(M * qx.units * qx.lanes, 0.0f);
-  std::vector<float> xf(row);
-  std::vector<int8_t> q(row);
-  std::vector<float> block_scale(blocks);
-  const bool offset = isa == Isa::vnni && !int4;  // the u8 operand: stored as q + 128
-  const bool permute = isa == Isa::vnni && int4;
-  const int unit = qx.unit, lanes = qx.lanes;
+  qx.units = (K + kRun - 1) / kRun;
+  const int64_t row = qx.units * kRun;
+  const int lanes = qx.lanes, lane_width = kRun / lanes;  // inputs per 32-bit lane (4), or the whole unit
   const int64_t units = qx.units;
+  qx.q.assign(M * row, 0);
+  qx.scale.assign(M * units * lanes, 0.0f);
+  qx.corr.assign(M * units * lanes, 0.0f);
+  std::vector<float> xf(row);
   for (int64_t m = 0; m < M; ++m) {
     std::fill(xf.begin(), xf.end(), 0.0f);
     load_row(xf.data(), x + m * x_stride, K);
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* v = xf.data() + b * kRun;
+    for (int64_t u = 0; u < units; ++u) {
+      const float* v = xf.data() + u * kRun;
       float amax = 0.0f;
 #pragma omp simd reduction(max : amax)
       for (int i = 0; i < kRun; ++i) amax = std::fabs(v[i]) > amax ? std::fabs(v[i]) : amax;
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      block_scale[b] = amax / 127.0f;
-      int8_t* qb = q.data() + b * kRun;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f, s = amax / 127.0f;
+      int8_t* qb = qx.q.data() + m * row + u * kRun;
 #pragma omp simd
       for (int i = 0; i < kRun; ++i) {
         const float r = round_even(v[i] * inv);
         qb[i] = static_cast<int8_t>(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
       }
-    }
-    int8_t* dst = qx.q.data() + m * row;
-    float* scale_base = qx.scale.data();
-    float* corr_base = qx.corr.data();
-    for (int64_t u = 0; u < units; ++u) {
-      const int8_t* src = q.data() + u * unit;
-      if (permute) {  // [run0 0..15, run1 0..15, run0 16..31, run1 16..31]
-        for (int piece = 0; piece < 4; ++piece) std::memcpy(dst + u * 64 + 16 * piece, src + unit_input(isa, true, 16 * piece), 16);
-      } else {
-        const int8_t flip = offset ? static_cast<int8_t>(0x80) : 0;
-        int8_t* d = dst + u * unit;  // locals: int8 stores may alias anything, so members would be reloaded
-#pragma omp simd
-        for (int j = 0; j < unit; ++j) d[j] = static_cast<int8_t>(src[j] ^ flip);
-      }
-      float* scale = scale_base + (m * units + u) * lanes;
-      float* corr = corr_base + (m * units + u) * lanes;
+      float* scale = qx.scale.data() + (m * units + u) * lanes;
+      float* corr = qx.corr.data() + (m * units + u) * lanes;
       for (int l = 0; l < lanes; ++l) {
-        const int j0 = unit_input(isa, int4, l * lane_width);  // a lane's inputs are consecutive
-        const float s = block_scale[(u * unit + j0) / kRun];
         scale[l] = s;
         if (int4) {
           int32_t sum = 0;
-          for (int i = 0; i < lane_width; ++i) sum += src[j0 + i];
+          for (int i = 0; i < lane_width; ++i) sum += qb[l * lane_width + i];
           corr[l] = 8.0f * s * static_cast<float>(sum);
         }
       }
     }
   }
   return qx;
+}
+
+// The bytes [p, p + len) of the block of rows after this one, `ahead` bytes on, into L1: each block's rows are
+// short streams that the hardware prefetchers pick up late (bench/NOTES.md, quantized decode v3). Prefetches never
+// fault, so the last block's reach past the weight is harmless.
+inline void prefetch_next_block(const void* p, int64_t len, int64_t ahead) {
+  const char* next = static_cast<const char*>(p) + ahead;
+  for (int64_t i = 0; i < len; i += 64) __builtin_prefetch(next + i, 0, 3);
 }
 
 // Weight rows [n0, n0 + rows) x inputs [k0, k0 + kChunk) as bytes in lane order into buf (rows kChunk apart;
@@ -238,7 +212,9 @@ void pack_chunk_portable(uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t
     uint8_t* dst = buf + r * kChunk;
     if (len < kChunk) std::memset(dst, 0, kChunk);
     if (w.format == QuantFormat::int8) {
-      std::memcpy(dst, static_cast<const int8_t*>(w.data) + (n0 + r) * w.K + k0, len);
+      const int8_t* src = static_cast<const int8_t*>(w.data) + (n0 + r) * w.K + k0;
+      prefetch_next_block(src, len, rows * w.K);
+      std::memcpy(dst, src, len);
       continue;
     }
     const uint8_t* src = int4_row(w, n0 + r).bytes + k0 / 2;
@@ -252,27 +228,6 @@ void pack_chunk_portable(uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t
 }
 
 #ifdef PHI_FAST_CPU_AVX2
-// int4 for the VNNI lane order: one 32-byte load of two runs -> [low nibbles of both, high nibbles of both];
-// a last lone run (odd number of runs) is loaded as 16 bytes: its missing partner unpacks to zeros.
-PHI_FAST_TARGET_AVX2 void pack_chunk_int4_vnni(uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t rows,
-                                               int64_t k0) {
-  const int64_t len = std::min(kChunk, w.K - k0), runs = (len + kRun - 1) / kRun;
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  for (int64_t r = 0; r < rows; ++r) {
-    uint8_t* dst = buf + r * kChunk;
-    if (len < kChunk) std::memset(dst, 0, kChunk);
-    const uint8_t* src = int4_row(w, n0 + r).bytes + k0 / 2;
-    for (int64_t run = 0; run < runs; run += 2) {
-      const __m256i v = run + 1 < runs
-          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + run * 16))
-          : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + run * 16)));
-      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + run * 32), lo);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + run * 32 + 32), hi);
-    }
-  }
-}
-
 // int4 in input order (the AVX2 and portable lane order): per run [16 low nibbles, 16 high nibbles].
 PHI_FAST_TARGET_AVX2 void pack_chunk_int4_linear(uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t rows,
                                                  int64_t k0) {
@@ -281,7 +236,11 @@ PHI_FAST_TARGET_AVX2 void pack_chunk_int4_linear(uint8_t* buf, const QuantWeight
   for (int64_t r = 0; r < rows; ++r) {
     uint8_t* dst = buf + r * kChunk;
     if (len < kChunk) std::memset(dst, 0, kChunk);
-    const uint8_t* src = int4_row(w, n0 + r).bytes + k0 / 2;
+    const Int4Row row = int4_row(w, n0 + r);
+    const uint8_t* src = row.bytes + k0 / 2;
+    const int64_t row_bytes = round_up(w.K, w.group_size) / 2, groups = row_bytes * 2 / w.group_size;
+    prefetch_next_block(src, runs * 16, rows * row_bytes);
+    prefetch_next_block(row.scales + k0 / w.group_size, runs * kRun / w.group_size * 2, rows * groups * 2);
     for (int64_t run = 0; run < runs; ++run) {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + run * 16));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + run * 32), _mm_and_si128(v, low));
@@ -293,7 +252,6 @@ PHI_FAST_TARGET_AVX2 void pack_chunk_int4_linear(uint8_t* buf, const QuantWeight
 
 void pack_chunk(Isa isa, uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t rows, int64_t k0) {
 #ifdef PHI_FAST_CPU_AVX2
-  if (w.format == QuantFormat::int4 && isa == Isa::vnni) return pack_chunk_int4_vnni(buf, w, n0, rows, k0);
   if (w.format == QuantFormat::int4 && isa == Isa::avx2) return pack_chunk_int4_linear(buf, w, n0, rows, k0);
 #endif
   pack_chunk_portable(buf, w, n0, rows, k0);
@@ -308,14 +266,14 @@ struct BlockArgs {
   const QuantX* qx;
   int64_t M;
   float* acc;  // [M, rows, lanes]
-  const float* scales;  // int4: the block's first row of group scales ([rows, groups])
+  const uint16_t* scales;  // int4: the block's first row of group scales (fp16 bits, [rows, groups])
   int64_t groups;       // int4: scales per row
   int group_shift;      // int4: log2(group size)
 };
 
 // int4 scale of input k's group in row r of the block.
 inline float group_scale(const BlockArgs& a, int64_t r, int64_t k) {
-  return a.scales[r * a.groups + (k >> a.group_shift)];
+  return half_to_float(a.scales[r * a.groups + (k >> a.group_shift)]);
 }
 
 void chunk_portable(const BlockArgs& a) {
@@ -365,7 +323,7 @@ PHI_FAST_TARGET_AVX2 void tile_avx2(const BlockArgs& a, int64_t m0) {
     __m256 ws[R];
     for (int r = 0; r < R; ++r) {
       wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.buf + r * kChunk + u * kRun));
-      ws[r] = _mm256_set1_ps(int4 ? group_scale(a, r, k) : 1.0f);
+      ws[r] = _mm256_set1_ps(int4 ? _cvtsh_ss(a.scales[r * a.groups + (k >> a.group_shift)]) : 1.0f);
     }
     for (int m = 0; m < MT; ++m) {
       const int64_t mm = m0 + m;
@@ -400,9 +358,80 @@ PHI_FAST_TARGET_AVX2 void chunk_avx2(const BlockArgs& a) {
 }
 
 PHI_FAST_TARGET_AVX2 float lane_sum_avx2(const float* v) { return avx2::hsum(_mm256_loadu_ps(v)); }
+
+// One row m of x times weight rows n0 .. n0 + R - 1 over all of K with the weights unpacked in registers (decode
+// at batch 1: no chunk buffer, every packed byte goes from memory straight into the products; more rows of x take
+// the chunk buffer, which unpacks each weight once for all of them). Units of 32 inputs in input order, as
+// quantize_x lays x out; arithmetic as tile_avx2. sums[r] gets the row's total before the int8 channel scale.
+template <int R, bool kInt4>
+PHI_FAST_TARGET_AVX2 void row_avx2(float* sums, const QuantWeight& w, int64_t n0, const QuantX& qx, int64_t m) {
+  const int64_t K = w.K, units = qx.units;
+  const int64_t kp = kInt4 ? round_up(K, w.group_size) : K;
+  const int64_t row_bytes = kInt4 ? kp / 2 : K, groups = kInt4 ? kp / w.group_size : 1;
+  const int shift = kInt4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
+  constexpr int64_t kUnitBytes = kInt4 ? kRun / 2 : kRun;
+  const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
+  const uint16_t* srow = kInt4 ? w.group_scales() + n0 * groups : nullptr;
+  const int8_t* xq_row = qx.q.data() + m * units * kRun;
+  const float* xs_row = qx.scale.data() + m * units * 8;
+  const float* corr_row = qx.corr.data() + m * units * 8;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t u = 0; u < units; ++u) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq_row + u * kRun));
+    const __m256 xs = _mm256_loadu_ps(xs_row + u * 8);
+    const __m256 corr = kInt4 ? _mm256_loadu_ps(corr_row + u * 8) : _mm256_setzero_ps();
+    const __m256i ax = _mm256_abs_epi8(xq);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = wrow + r * row_bytes + u * kUnitBytes;
+      if (u % (64 / kUnitBytes) == 0) __builtin_prefetch(p + R * row_bytes, 0, 3);  // prefetch_next_block
+      if constexpr (kInt4) {
+        if (u % 32 == 0) __builtin_prefetch(srow + (R + r) * groups + (u * kRun >> shift), 0, 3);
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));  // int4 rows hold whole runs
+        const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
+        const __m256 ws = _mm256_set1_ps(_cvtsh_ss(srow[r * groups + (u * kRun >> shift)]));
+        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xq), ones);  // nibbles u8 x qx s8
+        acc[r] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(d), xs, corr), ws, acc[r]);
+      } else {
+        __m256i wv;
+        if ((u + 1) * kRun <= K) {
+          wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        } else {  // the row's last inputs: never read past them (x is 0 there)
+          alignas(32) int8_t tail[kRun] = {};
+          std::memcpy(tail, p, K - u * kRun);
+          wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+        }
+        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xq)), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), xs, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) sums[r] = avx2::hsum(acc[r]);
+}
+
+template <int R>
+PHI_FAST_TARGET_AVX2 void row_avx2_any(float* sums, const QuantWeight& w, int64_t n0, const QuantX& qx) {
+  if (w.format == QuantFormat::int4) return row_avx2<R, true>(sums, w, n0, qx, 0);
+  row_avx2<R, false>(sums, w, n0, qx, 0);
+}
 #endif
 
 #ifdef PHI_FAST_CPU_AVX512
+// ---- integer kernels, AVX512-VNNI: weights unpacked in registers ----
+//
+// A unit is 64 inputs: one zmm of weight bytes, one dpbusd (u8 x s8, 4 products summed per int32 lane). Weights
+// are the u8 operand: int8 as w ^ 0x80 = w + 128, int4 as the stored nibbles q + 8, unpacked from one 32-byte
+// load of two runs r0, r1 (low nibbles, then high: lane order [r0 low, r1 low, r0 high, r1 high], i.e. inputs
+// [0..15, 32..47, 16..31, 48..63] of the unit). x (VnniX) holds its int8 per unit in the same lane order, and the
+// weights' offset is cancelled in int32 by starting each dpbusd at -offset * (sum of the lane's 4 qx), so the
+// integer sums are exact and x alone pays for the offset. Per unit and row of x, one float step per (weight
+// row): acc += float(dot) * (x block scale * weight group scale) lane by lane (int8: the per-channel scale once at
+// the end). Rows of x come kMt at a time with their kRows x kMt accumulators in registers over the whole of K;
+// more rows of x re-read the block's packed rows (from L1 / L2) and unpack them again. Each unit also prefetches
+// the next block's bytes (prefetch_next_block), and int4's fp16 group scales are widened once per block.
+
 #define PHI_FAST_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
 bool vnni_enabled() {
@@ -410,64 +439,200 @@ bool vnni_enabled() {
   return use;
 }
 
-// As tile_avx2 with 64-input units and 16 lanes (dpbusd: u8 x s8 summed 4 at a time into int32 lanes).
-template <int MT, int R>
-PHI_FAST_TARGET_VNNI void tile_vnni(const BlockArgs& a, int64_t m0) {
-  const QuantWeight& w = *a.w;
-  const bool int4 = w.format == QuantFormat::int4;
-  const int64_t len = std::min(kChunk, w.K - a.k0), units = (len + 63) / 64;
-  const int64_t row = a.qx->units * a.qx->unit;
-  const __m512i zero = _mm512_setzero_si512(), offset = _mm512_set1_epi8(static_cast<char>(0x80));
+constexpr int64_t kUnit = 64;
+constexpr int kMt = 2;  // rows of x per register tile
+
+// x quantized for the VNNI kernels: per row m and unit u (index m * units + u) 64 int8 in lane order (zeros past
+// K), 16 lane scales (the lane's block scale max|x| / 127) and 16 int32 dpbusd starts (-offset * lane sum).
+struct VnniX {
+  int64_t units = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> start;
+};
+
+// 16 inputs x[k .. k + 16) as fp32, zeros at k + i >= K.
+template <typename T>
+PHI_FAST_TARGET_VNNI inline __m512 load16(const T* x, int64_t k, int64_t K) {
+  const int64_t left = K - k;
+  const __mmask16 mask = left >= 16 ? 0xFFFF : (left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1));
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(mask, left > 0 ? x + k : x);
+  } else if constexpr (std::is_same_v<T, Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, left > 0 ? x + k : x));
+  } else {
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, left > 0 ? x + k : x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+  }
+}
+
+// The 16 int8 of round_even(v * inv), clamped to [-127, 127] (the rounding is MXCSR's default, to nearest even).
+PHI_FAST_TARGET_VNNI inline __m128i quantize16(__m512 v, __m512 inv) {
+  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+  return _mm512_cvtsepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127)));
+}
+
+template <typename T>
+PHI_FAST_TARGET_VNNI VnniX quantize_x_vnni(bool int4, const T* x, int64_t x_stride, int64_t M, int64_t K) {
+  VnniX qx;
+  qx.units = (K + kUnit - 1) / kUnit;
+  const int64_t units = qx.units;
+  qx.q.resize(M * units * kUnit);
+  qx.scale.resize(M * units * 16);
+  qx.start.resize(M * units * 16);
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i ones = _mm512_set1_epi8(1);
+  // Lanes of block 1 (inputs 32..63): int8 lanes 8-15, int4 lanes 4-7 and 12-15 (lane order above).
+  const __mmask16 second = int4 ? 0xF0F0 : 0xFF00;
+  const __m512i neg_offset = _mm512_set1_epi32(int4 ? -8 : -128);
+  // Where the four 16-input pieces go in the unit's 64 bytes: int4 swaps the middle two.
+  const int place[4] = {0, int4 ? 32 : 16, int4 ? 16 : 32, 48};
+  for (int64_t m = 0; m < M; ++m) {
+    const T* row = x + m * x_stride;
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t k = u * kUnit, index = m * units + u;
+      __m512 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = load16(row, k + 16 * i, K);
+      float s[2];
+      int8_t* q = qx.q.data() + index * kUnit;
+      for (int b = 0; b < 2; ++b) {
+        const __m512 a = _mm512_max_ps(_mm512_and_ps(v[2 * b], abs_mask), _mm512_and_ps(v[2 * b + 1], abs_mask));
+        const float amax = _mm512_reduce_max_ps(a);
+        s[b] = amax / 127.0f;
+        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        for (int i = 2 * b; i < 2 * b + 2; ++i) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + place[i]), quantize16(v[i], inv));
+        }
+      }
+      const __m512 scale = _mm512_mask_blend_ps(second, _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1]));
+      _mm512_storeu_ps(qx.scale.data() + index * 16, scale);
+      const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(q));
+      _mm512_storeu_si512(qx.start.data() + index * 16, _mm512_mullo_epi32(sums, neg_offset));
+    }
+  }
+  return qx;
+}
+
+// MT rows of x (from m0) times the R weight rows n0 .. n0 + R - 1 over all of K: out[m * N + n0 + r] (before the
+// int8 channel scale and the bias) into sums[m * R + r].
+template <int MT, int R, bool kInt4, bool kGroup32>
+PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t m0,
+                                    const float* scales) {
+  const int64_t K = w.K, units = qx.units;
+  const int64_t kp = kInt4 ? round_up(K, w.group_size) : K;
+  const int64_t row_bytes = kInt4 ? kp / 2 : K, groups = kInt4 ? kp / w.group_size : 1;
+  const int shift = kInt4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
+  const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
+  const uint16_t* next_scales = kInt4 ? w.group_scales() + (n0 + R) * groups : nullptr;  // for the prefetch
+  // int4: the two runs' nibbles, low half shifted by 0, high half by 4; lanes 0-3 / 8-11 take the first run's
+  // group scale, 4-7 / 12-15 the second's.
+  const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+  const int64_t runs = (K + kRun - 1) / kRun;  // int4 runs holding inputs < K (the last unit may hold one)
+  constexpr int64_t kUnitBytes = kInt4 ? kUnit / 2 : kUnit;  // packed bytes of one unit of one row
+  const int64_t ahead = R * row_bytes;                         // the next block of rows
   __m512 acc[MT][R];
   for (int m = 0; m < MT; ++m) {
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_loadu_ps(a.acc + ((m0 + m) * a.rows + r) * 16);
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   }
   for (int64_t u = 0; u < units; ++u) {
-    const int64_t k = a.k0 + u * 64, unit_index = k / 64;
     __m512i wv[R];
     __m512 ws[R];
+    const bool full = kInt4 ? 2 * u + 2 <= runs : (u + 1) * kUnit <= K;
     for (int r = 0; r < R; ++r) {
-      wv[r] = _mm512_loadu_si512(a.buf + r * kChunk + u * 64);
-      if (int4) {  // lanes 0-3, 8-11: the unit's first run; 4-7, 12-15: its second
-        const __m512 s0 = _mm512_set1_ps(group_scale(a, r, k));
-        const __m512 s1 = _mm512_set1_ps(((k + 32) >> a.group_shift) < a.groups ? group_scale(a, r, k + 32) : 0.0f);
-        ws[r] = _mm512_mask_blend_ps(0xF0F0, s0, s1);
+      const uint8_t* p = wrow + r * row_bytes;
+      // The next block of rows, a line at a time (prefetch_next_block).
+      if (u % (64 / kUnitBytes) == 0) __builtin_prefetch(p + ahead + u * kUnitBytes, 0, 3);
+      if (kInt4 && u % 16 == 0) __builtin_prefetch(next_scales + r * groups + (u * kUnit >> shift), 0, 3);
+      if constexpr (kInt4) {
+        const __m256i packed = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + u * 32))
+                                    : _mm256_maskz_loadu_epi8(0xFFFF, p + u * 32);  // one run left
+        wv[r] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(packed), nibble_shift), low);
+        const float* s = scales + r * groups;
+        if constexpr (kGroup32) {  // the unit's two scales (one 8-byte load), one per run's lanes
+          ws[r] = full ? _mm512_permutexvar_ps(pair, _mm512_castpd_ps(_mm512_castpd128_pd512(
+                                                         _mm_load_sd(reinterpret_cast<const double*>(s + 2 * u)))))
+                       : _mm512_set1_ps(s[2 * u]);
+        } else {
+          ws[r] = _mm512_set1_ps(s[(u * kUnit) >> shift]);
+        }
       } else {
-        ws[r] = _mm512_castsi512_ps(_mm512_dpbusd_epi32(zero, offset, wv[r]));  // 128 * sum(w) per lane (int32)
+        const __mmask64 mask = full ? ~__mmask64{0} : (__mmask64{1} << (K - u * kUnit)) - 1;
+        wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p + u * kUnit), flip);
+        ws[r] = _mm512_setzero_ps();  // unused
       }
     }
     for (int m = 0; m < MT; ++m) {
-      const int64_t mm = m0 + m;
-      const __m512i xq = _mm512_loadu_si512(a.qx->q.data() + mm * row + u * 64 + a.k0);
-      const __m512 xs = _mm512_loadu_ps(a.qx->scale.data() + (mm * a.qx->units + unit_index) * 16);
-      if (int4) {
-        const __m512 corr = _mm512_loadu_ps(a.qx->corr.data() + (mm * a.qx->units + unit_index) * 16);
-        for (int r = 0; r < R; ++r) {
-          const __m512i d = _mm512_dpbusd_epi32(zero, wv[r], xq);  // nibbles u8 x qx s8
-          const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), xs, corr);
-          acc[m][r] = _mm512_fmadd_ps(t, ws[r], acc[m][r]);
-        }
-      } else {
-        for (int r = 0; r < R; ++r) {  // (qx + 128) u8 x w s8, minus 128 * sum(w)
-          const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xq, wv[r]), _mm512_castps_si512(ws[r]));
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), xs, acc[m][r]);
-        }
+      const int64_t index = (m0 + m) * units + u;
+      const __m512i xq = _mm512_loadu_si512(qx.q.data() + index * kUnit);
+      const __m512 xs = _mm512_loadu_ps(qx.scale.data() + index * 16);
+      const __m512i start = _mm512_loadu_si512(qx.start.data() + index * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xq));
+        acc[m][r] = _mm512_fmadd_ps(dot, kInt4 ? _mm512_mul_ps(xs, ws[r]) : xs, acc[m][r]);
       }
     }
   }
   for (int m = 0; m < MT; ++m) {
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(a.acc + ((m0 + m) * a.rows + r) * 16, acc[m][r]);
+    for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
   }
 }
 
-template <int R>
-PHI_FAST_TARGET_VNNI void chunk_vnni(const BlockArgs& a) {
+// Weight rows n0 .. n0 + R - 1 times every row of x. int4: the rows' fp16 group scales are widened to fp32 into
+// scratch ([R, groups]) once per block, 16 at a time, so the inner loop takes them with one load and a permute.
+template <int R, bool kInt4, bool kGroup32>
+PHI_FAST_TARGET_VNNI void rows_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M,
+                                    float* scratch) {
+  if constexpr (kInt4) {
+    const int64_t count = R * (round_up(w.K, w.group_size) / w.group_size);
+    const uint16_t* src = w.group_scales() + n0 * (count / R);
+    for (int64_t i = 0; i < count; i += 16) {
+      const __mmask16 mask = count - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - i)) - 1);
+      _mm512_mask_storeu_ps(scratch + i, mask, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src + i)));
+    }
+  }
   int64_t m = 0;
-  for (; m + 2 <= a.M; m += 2) tile_vnni<2, R>(a, m);
-  if (m < a.M) tile_vnni<1, R>(a, m);
+  for (; m + kMt <= M; m += kMt) tile_vnni<kMt, R, kInt4, kGroup32>(sums + m * R, w, n0, qx, m, scratch);
+  if (m < M) tile_vnni<1, R, kInt4, kGroup32>(sums + m * R, w, n0, qx, m, scratch);
 }
 
-PHI_FAST_TARGET_AVX512 float lane_sum_avx512(const float* v) { return avx512::hsum(_mm512_loadu_ps(v)); }
+template <int R>
+void rows_vnni_any(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M, float* scratch) {
+  if (w.format == QuantFormat::int8) return rows_vnni<R, false, false>(sums, w, n0, qx, M, scratch);
+  if (w.group_size == 32) return rows_vnni<R, true, true>(sums, w, n0, qx, M, scratch);
+  rows_vnni<R, true, false>(sums, w, n0, qx, M, scratch);
+}
+
+template <typename T>
+void quant_linear_vnni(T* out, const T* x, int64_t x_stride, const QuantWeight& w, const T* bias, int64_t M,
+                       double work_ns, int num_threads) {
+  const VnniX qx = quantize_x_vnni(w.format == QuantFormat::int4, x, x_stride, M, w.K);
+  const int64_t blocks = (w.N + kRows - 1) / kRows;
+  parallel_rows(blocks, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<float> sums(M * kRows);
+    const int64_t groups = w.format == QuantFormat::int4 ? round_up(w.K, w.group_size) / w.group_size : 0;
+    std::vector<float> scales(kRows * groups);  // int4: rows_vnni's fp32 group scales of one block
+    const int64_t end = std::min(block_end * kRows, w.N);
+    for (int64_t n0 = block_begin * kRows; n0 < end;) {
+      const int64_t rows = n0 + kRows <= end ? kRows : 1;
+      if (rows == kRows) {
+        rows_vnni_any<kRows>(sums.data(), w, n0, qx, M, scales.data());
+      } else {
+        rows_vnni_any<1>(sums.data(), w, n0, qx, M, scales.data());
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t r = 0; r < rows; ++r) {
+          float sum = sums[m * rows + r];
+          if (w.format == QuantFormat::int8) sum *= w.channel_scales()[n0 + r];
+          out[m * w.N + n0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[n0 + r]) : sum);
+        }
+      }
+      n0 += rows;
+    }
+  });
+}
+
 #endif
 
 Isa pick_isa() {
@@ -481,9 +646,6 @@ Isa pick_isa() {
 }
 
 void run_chunk(Isa isa, const BlockArgs& a) {
-#ifdef PHI_FAST_CPU_AVX512
-  if (isa == Isa::vnni) return a.rows == kRows ? chunk_vnni<kRows>(a) : chunk_vnni<1>(a);
-#endif
 #ifdef PHI_FAST_CPU_AVX2
   if (isa == Isa::avx2) return a.rows == kRows ? chunk_avx2<kRows>(a) : chunk_avx2<1>(a);
 #endif
@@ -491,9 +653,6 @@ void run_chunk(Isa isa, const BlockArgs& a) {
 }
 
 float lane_sum(Isa isa, const float* v) {
-#ifdef PHI_FAST_CPU_AVX512
-  if (isa == Isa::vnni) return lane_sum_avx512(v);
-#endif
 #ifdef PHI_FAST_CPU_AVX2
   if (isa == Isa::avx2) return lane_sum_avx2(v);
 #endif
@@ -504,16 +663,44 @@ template <typename T>
 void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight& w, const T* bias, int64_t M,
                          int num_threads) {
   const Isa isa = pick_isa();
-  const QuantX qx = quantize_x(isa, w.format == QuantFormat::int4, x, x_stride, M, w.K);
-  const int lanes = qx.lanes;
-  const double weight_bytes = w.format == QuantFormat::int8 ? 1.0 : 0.5 + 4.0 / w.group_size;
+  const double weight_bytes = w.format == QuantFormat::int8 ? 1.0 : 0.5 + 2.0 / w.group_size;
   const double weights = static_cast<double>(w.N) * w.K;
   const double work_ns = std::max(stream_ns(weight_bytes * weights), weights * (kNsPerWeight + M * kNsPerProduct));
+#ifdef PHI_FAST_CPU_AVX512
+  if (isa == Isa::vnni) {
+    return quant_linear_vnni(out, x, x_stride, w, bias, M, work_ns, num_threads);
+  }
+#endif
+  const QuantX qx = quantize_x(isa, w.format == QuantFormat::int4, x, x_stride, M, w.K);
+  auto finish = [&](int64_t m, int64_t n0, int64_t r, float sum) {
+    if (w.format == QuantFormat::int8) sum *= w.channel_scales()[n0 + r];
+    out[m * w.N + n0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[n0 + r]) : sum);
+  };
+#ifdef PHI_FAST_CPU_AVX2
+  if (isa == Isa::avx2 && M == 1) {
+    parallel_rows((w.N + kRows - 1) / kRows, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
+      float sums[kRows];
+      const int64_t end = std::min(block_end * kRows, w.N);
+      for (int64_t n0 = block_begin * kRows; n0 < end;) {
+        const int64_t rows = n0 + kRows <= end ? kRows : 1;
+        if (rows == kRows) {
+          row_avx2_any<kRows>(sums, w, n0, qx);
+        } else {
+          row_avx2_any<1>(sums, w, n0, qx);
+        }
+        for (int64_t r = 0; r < rows; ++r) finish(0, n0, r, sums[r]);
+        n0 += rows;
+      }
+    });
+    return;
+  }
+#endif
+  const int lanes = qx.lanes;
   const int64_t blocks = (w.N + kRows - 1) / kRows;
   const bool int4 = w.format == QuantFormat::int4;
   const int64_t groups = int4 ? round_up(w.K, w.group_size) / w.group_size : 1;
   const int group_shift = int4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
-  const float* scales = int4 ? w.scales : nullptr;
+  const uint16_t* scales = int4 ? w.group_scales() : nullptr;
   parallel_rows(blocks, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
     std::vector<uint8_t> buf(kRows * kChunk);
     std::vector<float> acc(M * kRows * lanes);
@@ -527,11 +714,7 @@ void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight
                                  group_shift});
       }
       for (int64_t m = 0; m < M; ++m) {
-        for (int64_t r = 0; r < rows; ++r) {
-          float sum = lane_sum(isa, acc.data() + (m * rows + r) * lanes);
-          if (w.format == QuantFormat::int8) sum *= w.scales[n0 + r];
-          out[m * w.N + n0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[n0 + r]) : sum);
-        }
+        for (int64_t r = 0; r < rows; ++r) finish(m, n0, r, lane_sum(isa, acc.data() + (m * rows + r) * lanes));
       }
       n0 += rows;
     }

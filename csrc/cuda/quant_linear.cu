@@ -2,7 +2,7 @@
 // dequantize_rows (packed weights -> a dense tile, for ops.dequantize and the prompt path's GEMM). Launchers
 // declared in csrc/cuda/quant_linear.h; formats in csrc/common/quant_weight.h.
 //
-// Math: w[n, k] = q[n, k] * scale (int8: scales[n]; int4: scales[n, k / G], q = nibble - 8), computed in fp32
+// Math: w[n, k] = q[n, k] * scale (int8: fp32 scales[n]; int4: fp16 scales[n, k / G], q = nibble - 8), in fp32
 //   exactly as the reference dequantizes (one rounding of q * scale); out[m, n] = sum_k x[m, k] * w[n, k] + bias[n]
 //   with fp32 accumulation, rounded to x's dtype.
 // Layouts: a weight row is a sequence of 16-byte chunks: int4 chunk c holds weights 32c .. 32c + 31 (byte i: weight
@@ -110,9 +110,19 @@ __device__ __forceinline__ int chunk_bytes(int64_t row_bytes, int64_t c) {
   return F == QuantFormat::int4 || row_bytes - c * 16 >= 16 ? 16 : static_cast<int>(row_bytes - c * 16);
 }
 
+// The scale of chunk c of row n: int8, the row's fp32 scale; int4, its group's fp16 scale.
+template <QuantFormat F>
+__device__ __forceinline__ float chunk_scale(const void* scales, int64_t n, int64_t groups, int64_t c, int shift) {
+  if constexpr (F == QuantFormat::int4) {
+    return __half2float(static_cast<const __half*>(scales)[n * groups + (c >> shift)]);
+  } else {
+    return static_cast<const float*>(scales)[n];
+  }
+}
+
 struct GemvArgs {
   const uint8_t* qweight;  // [N, row_bytes]
-  const float* scales;     // int8 [N]; int4 [N, groups]
+  const void* scales;      // int8 fp32 [N]; int4 fp16 [N, groups]
   int64_t row_bytes;       // int8: K; int4: Kp / 2
   int64_t groups;          // int4: Kp / G
   int chunk_group_shift;   // int4: log2(G / 32), chunk c is in group c >> shift
@@ -136,7 +146,9 @@ __global__ void __launch_bounds__(kMaxThreads) quant_linear_kernel(T* __restrict
   }
   float row_scale[kRows];  // int8: per row, fixed
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) row_scale[r] = F == QuantFormat::int8 && n0 + r < a.N ? a.scales[n0 + r] : 0.0f;
+  for (int r = 0; r < kRows; ++r) {
+    row_scale[r] = F == QuantFormat::int8 && n0 + r < a.N ? chunk_scale<F>(a.scales, n0 + r, 0, 0, 0) : 0.0f;
+  }
 
   for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
     const int64_t k0 = c * Fmt::kWeights;
@@ -149,7 +161,7 @@ __global__ void __launch_bounds__(kMaxThreads) quant_linear_kernel(T* __restrict
       const uint8_t* p = a.qweight + n * a.row_bytes + c * 16;
       const int valid = chunk_bytes<F>(a.row_bytes, c);
       load_chunk(p, a.weight_vec && valid == 16, valid, words[r]);
-      scale[r] = F == QuantFormat::int4 ? a.scales[n * a.groups + (c >> a.chunk_group_shift)] : row_scale[r];
+      scale[r] = F == QuantFormat::int4 ? chunk_scale<F>(a.scales, n, a.groups, c, a.chunk_group_shift) : row_scale[r];
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -198,7 +210,7 @@ __global__ void __launch_bounds__(kMaxThreads) quant_linear_kernel(T* __restrict
 
 struct DequantArgs {
   const uint8_t* qweight;
-  const float* scales;
+  const void* scales;  // as GemvArgs
   int64_t row_bytes, groups;
   int chunk_group_shift;
   int64_t K, n0, rows, dst_stride;
@@ -217,7 +229,7 @@ __global__ void __launch_bounds__(kMaxThreads) dequantize_kernel(D* __restrict__
     const int valid = chunk_bytes<F>(a.row_bytes, c);
     uint32_t words[4];
     load_chunk(a.qweight + n * a.row_bytes + c * 16, a.weight_vec && valid == 16, valid, words);
-    const float scale = F == QuantFormat::int4 ? a.scales[n * a.groups + (c >> a.chunk_group_shift)] : a.scales[n];
+    const float scale = chunk_scale<F>(a.scales, n, a.groups, c, a.chunk_group_shift);
     D* row = dst + r * a.dst_stride;
     const bool vec = a.dst_vec && k0 + Fmt::kWeights <= a.K;
 #pragma unroll

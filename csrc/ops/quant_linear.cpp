@@ -34,18 +34,18 @@ QuantWeight check_quant_weight(const OpContext& ctx, const at::Tensor& qweight, 
     check_arg(ctx, "qweight", qweight, {-1, K}, "[N, K]", Layout::contiguous, at::kChar);
     const int64_t N = qweight.size(0);
     check_arg(ctx, "scales", scales, {N}, "[N]", Layout::contiguous, at::kFloat);
-    return {qweight.data_ptr(), scales.data_ptr<float>(), QuantFormat::int8, N, K, K};
+    return {qweight.data_ptr(), scales.data_ptr(), QuantFormat::int8, N, K, K};
   }
   check_arg(ctx, "qweight", qweight, {-1, -1}, "[N, Kp / 2]", Layout::contiguous, at::kByte);
   const int64_t N = qweight.size(0), kp = 2 * qweight.size(1);
-  check_arg(ctx, "scales", scales, {N, -1}, "[N, Kp / G]", Layout::contiguous, at::kFloat);
+  check_arg(ctx, "scales", scales, {N, -1}, "[N, Kp / G]", Layout::contiguous, at::kHalf);
   const int64_t groups = scales.size(1);
   const int64_t G = groups > 0 && kp % groups == 0 ? kp / groups : 0;
   TORCH_CHECK_VALUE(G >= 32 && (G & (G - 1)) == 0, ctx.op, ": int4 qweight [N, Kp / 2] = ", qweight.sizes(),
                     " and scales [N, Kp / G] = ", scales.sizes(), " do not give a group size G that is a power of two >= 32");
   TORCH_CHECK_VALUE(K <= kp && K > kp - G, ctx.op, ": int4 qweight ", qweight.sizes(), " with group size ", G,
                     " holds ", kp - G + 1, "..", kp, " inputs, but in_features is ", K);
-  return {qweight.data_ptr(), scales.data_ptr<float>(), QuantFormat::int4, N, K, G};
+  return {qweight.data_ptr(), scales.data_ptr(), QuantFormat::int4, N, K, G};
 }
 
 // Runs launch(stream) on CUDA (or the emulator) with the launch checked; the CPU never gets here.
@@ -82,7 +82,7 @@ at::Tensor cuda_prompt_linear(const OpContext& ctx, const at::Tensor& x, const Q
 
 }  // namespace
 
-// x: [M, K]; qweight: int8 [N, K] or uint8 [N, Kp / 2]; scales: fp32 [N] or [N, Kp / G]; bias: [N] or None
+// x: [M, K]; qweight: int8 [N, K] or uint8 [N, Kp / 2]; scales: fp32 [N] or fp16 [N, Kp / G]; bias: [N] or None
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& bias) {
   const OpContext ctx = make_context("quant_linear", "x", x);
@@ -123,12 +123,12 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64
 #ifndef PHI_FAST_SIM
   if (ctx.device.is_cpu()) {
     const int64_t stride = (in_features + 31) / 32 * 32;
-    at::Tensor out = at::empty({w.N, stride}, scales.options());
+    at::Tensor out = at::empty({w.N, stride}, scales.options().dtype(at::kFloat));
     if (out.numel() > 0) cpu::dequantize_rows(out.data_ptr<float>(), stride, w, 0, w.N);
     return out.narrow(1, 0, in_features).contiguous();
   }
 #endif
-  at::Tensor out = at::empty({w.N, in_features}, scales.options());
+  at::Tensor out = at::empty({w.N, in_features}, scales.options().dtype(at::kFloat));
   if (out.numel() > 0) {
     on_cuda(ctx, [&](void* stream) {
       cuda::dequantize_rows(out.data_ptr(), in_features, w, 0, w.N, DType::f32, stream);
