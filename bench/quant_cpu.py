@@ -18,39 +18,38 @@ Measured, per precision (phi_fast: model dtype bf16, linears packed at load time
   in the same run (a sum over 256 MiB).
 llama-bench runs with -r reps at its best setting: each cell the better of -fa 0 and -fa 1, weights repacked
 (its default; --repack 0 for a test where that crashes). phi_fast takes the best of --reps repetitions (medians would need
-more time than the run has). OMP_WAIT_POLICY=passive for both stacks.
+more time than the run has). Both stacks run with OpenMP's default wait policy (unless OMP_WAIT_POLICY is set for
+the whole run): OMP_WAIT_POLICY=passive, which earlier runs set, costs llama.cpp's Q4_0 decode a third of its
+speed here (15.2 -> 9.8 tokens/s) and phi_fast's int4 decode 8% (14.1 -> 13.0).
 Writes bench/results/quant_cpu-cpu-<cores>core-<date>.{json,md}.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import gc
+import json
+import logging
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-import phi_fast  # noqa: E402
-from bench.common import RESULTS, git_commit, write_report  # noqa: E402
-from bench.e2e_cpu import _busy_seconds, _others_share, _uncommitted, measure_ceilings  # noqa: E402
-from phi_fast.checkpoint_writer import write_random_llava_phi  # noqa: E402
-from phi_fast.config import TextConfig, VisionConfig  # noqa: E402
-from phi_fast.quant import QuantizedWeight  # noqa: E402
-from phi_fast.sampling import SamplingParams  # noqa: E402
-from phi_fast.tokenizer import write_demo_tokenizer  # noqa: E402
-from phi_fast.weights import read_checkpoint  # noqa: E402
+import phi_fast
+from bench.common import RESULTS, git_commit, write_report
+from bench.e2e_cpu import _busy_seconds, _others_share, _uncommitted, measure_ceilings
+from phi_fast.checkpoint_writer import write_random_llava_phi
+from phi_fast.config import TextConfig, VisionConfig
+from phi_fast.quant import QuantizedWeight
+from phi_fast.sampling import SamplingParams
+from phi_fast.tokenizer import write_demo_tokenizer
+from phi_fast.weights import read_checkpoint
 
 log = logging.getLogger("phi_fast.bench")
 
