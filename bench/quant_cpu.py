@@ -17,8 +17,8 @@ Measured, per precision (phi_fast: model dtype bf16, linears packed at load time
 - the memory floor: bytes read per token (decoder weights + lm_head, packed or not) / the read bandwidth measured
   in the same run (a sum over 256 MiB).
 llama-bench runs with -r reps at its best setting: each cell the better of -fa 0 and -fa 1, weights repacked
-(its default; --repack 0 for a test where that crashes). phi_fast takes the best of --reps repetitions (medians would need
-more time than the run has). Both stacks run with OpenMP's default wait policy (unless OMP_WAIT_POLICY is set for
+(its default; --repack 0 for a test where that crashes). phi_fast takes the best of --reps repetitions (medians
+would need more time than the run has). Both stacks run with OpenMP's default wait policy (unless OMP_WAIT_POLICY is set for
 the whole run): OMP_WAIT_POLICY=passive, which earlier runs set, costs llama.cpp's Q4_0 decode a third of its
 speed here (15.2 -> 9.8 tokens/s) and phi_fast's int4 decode 8% (14.1 -> 13.0).
 Writes bench/results/quant_cpu-cpu-<cores>core-<date>.{json,md}.
@@ -37,19 +37,21 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # as the run was started (bench.e2e_cpu sets its own default)
 
-import phi_fast
-from bench.common import RESULTS, git_commit, write_report
-from bench.e2e_cpu import _busy_seconds, _others_share, _uncommitted, measure_ceilings
-from phi_fast.checkpoint_writer import write_random_llava_phi
-from phi_fast.config import TextConfig, VisionConfig
-from phi_fast.quant import QuantizedWeight
-from phi_fast.sampling import SamplingParams
-from phi_fast.tokenizer import write_demo_tokenizer
-from phi_fast.weights import read_checkpoint
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import phi_fast  # noqa: E402
+from bench.common import RESULTS, git_commit, write_report  # noqa: E402
+from bench.e2e_cpu import _busy_seconds, _others_share, _uncommitted, measure_ceilings  # noqa: E402
+from phi_fast.checkpoint_writer import write_random_llava_phi  # noqa: E402
+from phi_fast.config import TextConfig, VisionConfig  # noqa: E402
+from phi_fast.quant import QuantizedWeight  # noqa: E402
+from phi_fast.sampling import SamplingParams  # noqa: E402
+from phi_fast.tokenizer import write_demo_tokenizer  # noqa: E402
+from phi_fast.weights import read_checkpoint  # noqa: E402
 
 log = logging.getLogger("phi_fast.bench")
 
@@ -135,13 +137,16 @@ def llama_bench(llamacpp: Path, model: Path, threads: int, reps: int, n: int, co
     out: dict = {}
     for key, test in tests.items():
         common = [exe, "-m", str(model), "-t", str(threads), "-r", str(reps), "-fa", "0,1", "-o", "json", *test]
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if OMP_WAIT_POLICY is not None:
+            env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
         try:
-            runs, repack = subprocess.run(common, check=True, capture_output=True, text=True).stdout, True
+            runs, repack = subprocess.run(common, check=True, capture_output=True, text=True, env=env).stdout, True
         except subprocess.CalledProcessError as e:
             log.warning("llama-bench %s with weight repacking failed (%s); measuring with --repack 0", key,
                         e.returncode)
-            runs, repack = subprocess.run([*common, "--repack", "0"], check=True, capture_output=True,
-                                          text=True).stdout, False
+            runs, repack = subprocess.run([*common, "--repack", "0"], check=True, capture_output=True, text=True,
+                                          env=env).stdout, False
         best = max(json.loads(runs), key=lambda r: r["avg_ts"])
         out[key] = round(best["avg_ts"], 2)
         out[key + "_flash_attn"], out[key + "_repack"] = best.get("flash_attn"), repack
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("%s: %s", name, json.dumps(r))
         report = {"suite": "quant_cpu", "gpu": "cpu", "torch": torch.__version__, "commit": git_commit(),
                   "uncommitted": _uncommitted(), "date": datetime.date.today().isoformat(), "threads": args.threads,
-                  "reps": args.reps, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                  "reps": args.reps, "omp_wait_policy": OMP_WAIT_POLICY,
                   "cpu_features": phi_fast.ops.cpu_features(), "loadavg_1min": os.getloadavg()[0],
                   "others_share": _others_share(busy0, wall0), "ceilings": ceilings, "results": results}
         stem = args.out / f"quant_cpu-cpu-{os.cpu_count()}core-{report['date']}"
