@@ -17,26 +17,27 @@ Measured, per precision (phi_fast: model dtype bf16, linears packed at load time
 - the memory floor: bytes read per token (decoder weights + lm_head, packed or not) / the read bandwidth measured
   in the same run (a sum over 256 MiB).
 llama-bench runs with -r reps at its best setting: each cell the better of -fa 0 and -fa 1, weights repacked
-(its default; --repack 0 only if that crashes). phi_fast takes the best of --reps repetitions (medians would need
-more time than the run has). OMP_WAIT_POLICY=passive for both stacks.
+(its default; --repack 0 for a test where that crashes). phi_fast takes the best of --reps repetitions (medians
+would need more time than the run has). Both stacks run with OpenMP's default wait policy (unless OMP_WAIT_POLICY is set for
+the whole run): OMP_WAIT_POLICY=passive, which earlier runs set, costs llama.cpp's Q4_0 decode a third of its
+speed here (15.2 -> 9.8 tokens/s) and phi_fast's int4 decode 8% (14.1 -> 13.0).
 Writes bench/results/quant_cpu-cpu-<cores>core-<date>.{json,md}.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import gc
+import json
+import logging
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # as the run was started (bench.e2e_cpu sets its own default)
 
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -127,26 +128,28 @@ def gguf_models(hf_dir: Path, llamacpp: Path, folder: Path) -> dict[str, Path]:
 
 def llama_bench(llamacpp: Path, model: Path, threads: int, reps: int, n: int, context: int) -> dict[str, float]:
     """tokens/s of llama-bench at its best setting: prompt (pp<context>), decode (tg<n>) and decode at depth
-    <context>, each the best of flash attention off and on (-fa 0,1), with its default weight repacking (falling
-    back to --repack 0 where repacking crashes, as it did on the AVX-512 machine of the 2026-12-01 run)."""
+    <context>, each the best of flash attention off and on (-fa 0,1), with its default weight repacking, per test
+    falling back to --repack 0 where repacking crashes (this build's repacked Q8_0 / Q4_0 prompt processing dies with
+    SIGSEGV on the AVX-512 machines of 2026-12-01 and 2026-12-02; their decode runs)."""
     exe = str(llamacpp / "build" / "bin" / "llama-bench")
-    tests = (["-p", str(context), "-n", str(n)], ["-p", "0", "-n", str(n), "-d", str(context)])
-
-    def run(extra: list[str]) -> list[dict]:
-        common = ["-m", str(model), "-t", str(threads), "-r", str(reps), "-fa", "0,1", "-o", "json", *extra]
-        return [r for t in tests for r in json.loads(subprocess.run([exe, *common, *t], check=True,
-                                                                    capture_output=True, text=True).stdout)]
-    try:
-        runs, repack = run([]), True
-    except subprocess.CalledProcessError as e:
-        log.warning("llama-bench with weight repacking failed (%s); measuring with --repack 0", e)
-        runs, repack = run(["--repack", "0"]), False
-    out: dict = {"repack": repack}
-    for r in runs:
-        key = "prompt" if r["n_prompt"] else ("decode_ctx" if r.get("n_depth", 0) else "decode")
-        ts = round(r["avg_ts"], 2)
-        if ts > out.get(key, 0.0):
-            out[key], out[key + "_flash_attn"] = ts, r.get("flash_attn")
+    tests = {"prompt": ["-p", str(context), "-n", "0"], "decode": ["-p", "0", "-n", str(n)],
+             "decode_ctx": ["-p", "0", "-n", str(n), "-d", str(context)]}
+    out: dict = {}
+    for key, test in tests.items():
+        common = [exe, "-m", str(model), "-t", str(threads), "-r", str(reps), "-fa", "0,1", "-o", "json", *test]
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if OMP_WAIT_POLICY is not None:
+            env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
+        try:
+            runs, repack = subprocess.run(common, check=True, capture_output=True, text=True, env=env).stdout, True
+        except subprocess.CalledProcessError as e:
+            log.warning("llama-bench %s with weight repacking failed (%s); measuring with --repack 0", key,
+                        e.returncode)
+            runs, repack = subprocess.run([*common, "--repack", "0"], check=True, capture_output=True, text=True,
+                                          env=env).stdout, False
+        best = max(json.loads(runs), key=lambda r: r["avg_ts"])
+        out[key] = round(best["avg_ts"], 2)
+        out[key + "_flash_attn"], out[key + "_repack"] = best.get("flash_attn"), repack
     return out
 
 
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("%s: %s", name, json.dumps(r))
         report = {"suite": "quant_cpu", "gpu": "cpu", "torch": torch.__version__, "commit": git_commit(),
                   "uncommitted": _uncommitted(), "date": datetime.date.today().isoformat(), "threads": args.threads,
-                  "reps": args.reps, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                  "reps": args.reps, "omp_wait_policy": OMP_WAIT_POLICY,
                   "cpu_features": phi_fast.ops.cpu_features(), "loadavg_1min": os.getloadavg()[0],
                   "others_share": _others_share(busy0, wall0), "ceilings": ceilings, "results": results}
         stem = args.out / f"quant_cpu-cpu-{os.cpu_count()}core-{report['date']}"

@@ -33,6 +33,10 @@ namespace {
 constexpr int64_t kChunk = 2048;  // inputs per chunk (a multiple of the 64-weight unit): 8 KB of buffer
 constexpr int64_t kRows = 4;     // output rows per block
 constexpr int64_t kRun = 32;     // int4 weights per 16-byte run; also the activation block
+// How far ahead the L2 prefetch of a block's rows reaches: L1 prefetches alone hold a line fill buffer each
+// through the DRAM latency, which capped int4 at ~20 GB/s; reaching ~32 KB ahead into L2 as well adds ~5-10%
+// (16-128 KB measured alike, bench/NOTES.md).
+constexpr int64_t kPrefetchFarBytes = 32 << 10;
 
 // Single-core cost of one weight x one row of x in the integer kernels (~1 instruction per 16 products), plus the
 // per-weight unpacking, for the thread estimate.
@@ -370,6 +374,7 @@ PHI_FAST_TARGET_AVX2 void row_avx2(float* sums, const QuantWeight& w, int64_t n0
   const int64_t row_bytes = kInt4 ? kp / 2 : K, groups = kInt4 ? kp / w.group_size : 1;
   const int shift = kInt4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
   constexpr int64_t kUnitBytes = kInt4 ? kRun / 2 : kRun;
+  const int64_t far = std::max<int64_t>(1, (kPrefetchFarBytes + R * row_bytes - 1) / (R * row_bytes)) * R * row_bytes;
   const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
   const uint16_t* srow = kInt4 ? w.group_scales() + n0 * groups : nullptr;
   const int8_t* xq_row = qx.q.data() + m * units * kRun;
@@ -386,7 +391,10 @@ PHI_FAST_TARGET_AVX2 void row_avx2(float* sums, const QuantWeight& w, int64_t n0
     const __m256i ax = _mm256_abs_epi8(xq);
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = wrow + r * row_bytes + u * kUnitBytes;
-      if (u % (64 / kUnitBytes) == 0) __builtin_prefetch(p + R * row_bytes, 0, 3);  // prefetch_next_block
+      if (u % (64 / kUnitBytes) == 0) {  // as in tile_vnni
+        __builtin_prefetch(p + far, 0, 2);
+        __builtin_prefetch(p + R * row_bytes, 0, 3);
+      }
       if constexpr (kInt4) {
         if (u % 32 == 0) __builtin_prefetch(srow + (R + r) * groups + (u * kRun >> shift), 0, 3);
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));  // int4 rows hold whole runs
@@ -531,7 +539,8 @@ PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n
   const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
   const int64_t runs = (K + kRun - 1) / kRun;  // int4 runs holding inputs < K (the last unit may hold one)
   constexpr int64_t kUnitBytes = kInt4 ? kUnit / 2 : kUnit;  // packed bytes of one unit of one row
-  const int64_t ahead = R * row_bytes;                         // the next block of rows
+  const int64_t next = R * row_bytes;                          // the next block of rows
+  const int64_t far = std::max<int64_t>(1, (kPrefetchFarBytes + next - 1) / next) * next;
   __m512 acc[MT][R];
   for (int m = 0; m < MT; ++m) {
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -542,8 +551,11 @@ PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n
     const bool full = kInt4 ? 2 * u + 2 <= runs : (u + 1) * kUnit <= K;
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = wrow + r * row_bytes;
-      // The next block of rows, a line at a time (prefetch_next_block).
-      if (u % (64 / kUnitBytes) == 0) __builtin_prefetch(p + ahead + u * kUnitBytes, 0, 3);
+      // A line at a time: the block ~32 KB ahead into L2, the next block into L1 (prefetch_next_block).
+      if (u % (64 / kUnitBytes) == 0) {
+        __builtin_prefetch(p + far + u * kUnitBytes, 0, 2);
+        __builtin_prefetch(p + next + u * kUnitBytes, 0, 3);
+      }
       if (kInt4 && u % 16 == 0) __builtin_prefetch(next_scales + r * groups + (u * kUnit >> shift), 0, 3);
       if constexpr (kInt4) {
         const __m256i packed = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + u * 32))
