@@ -38,6 +38,18 @@ constexpr int64_t kRun = 32;     // int4 weights per 16-byte run; also the activ
 // (16-128 KB measured alike, bench/NOTES.md).
 constexpr int64_t kPrefetchFarBytes = 32 << 10;
 
+// The L2 prefetch distance for blocks of block_bytes: whole blocks, at least one, about kPrefetchFarBytes.
+inline int64_t far_ahead(int64_t block_bytes) {
+  return std::max<int64_t>(1, (kPrefetchFarBytes + block_bytes - 1) / block_bytes) * block_bytes;
+}
+
+// out[m, n] from a row's integer-kernel total: the int8 channel scale, the bias, the dtype.
+template <typename T>
+inline void write_out(T* out, const QuantWeight& w, const T* bias, int64_t m, int64_t n, float sum) {
+  if (w.format == QuantFormat::int8) sum *= w.channel_scales()[n];
+  out[m * w.N + n] = from_float<T>(bias != nullptr ? sum + to_float(bias[n]) : sum);
+}
+
 // Single-core cost of one weight x one row of x in the integer kernels (~1 instruction per 16 products), plus the
 // per-weight unpacking, for the thread estimate.
 constexpr double kNsPerProduct = 0.02;
@@ -275,9 +287,9 @@ struct BlockArgs {
   int group_shift;      // int4: log2(group size)
 };
 
-// int4 scale of input k's group in row r of the block.
-inline float group_scale(const BlockArgs& a, int64_t r, int64_t k) {
-  return half_to_float(a.scales[r * a.groups + (k >> a.group_shift)]);
+// int4 scale (fp16 bits) of input k's group in row r of the block.
+inline uint16_t group_scale(const BlockArgs& a, int64_t r, int64_t k) {
+  return a.scales[r * a.groups + (k >> a.group_shift)];
 }
 
 void chunk_portable(const BlockArgs& a) {
@@ -300,7 +312,7 @@ void chunk_portable(const BlockArgs& a) {
           sum += static_cast<float>(dot) * s;
         } else {
           const float t = static_cast<float>(dot) * s - a.qx->corr[m * a.qx->units + unit_index];
-          sum += t * group_scale(a, r, k);
+          sum += t * half_to_float(group_scale(a, r, k));
         }
       }
       a.acc[m * a.rows + r] += sum;
@@ -327,7 +339,7 @@ PHI_FAST_TARGET_AVX2 void tile_avx2(const BlockArgs& a, int64_t m0) {
     __m256 ws[R];
     for (int r = 0; r < R; ++r) {
       wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.buf + r * kChunk + u * kRun));
-      ws[r] = _mm256_set1_ps(int4 ? _cvtsh_ss(a.scales[r * a.groups + (k >> a.group_shift)]) : 1.0f);
+      ws[r] = _mm256_set1_ps(int4 ? _cvtsh_ss(group_scale(a, r, k)) : 1.0f);
     }
     for (int m = 0; m < MT; ++m) {
       const int64_t mm = m0 + m;
@@ -374,7 +386,7 @@ PHI_FAST_TARGET_AVX2 void row_avx2(float* sums, const QuantWeight& w, int64_t n0
   const int64_t row_bytes = kInt4 ? kp / 2 : K, groups = kInt4 ? kp / w.group_size : 1;
   const int shift = kInt4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
   constexpr int64_t kUnitBytes = kInt4 ? kRun / 2 : kRun;
-  const int64_t far = std::max<int64_t>(1, (kPrefetchFarBytes + R * row_bytes - 1) / (R * row_bytes)) * R * row_bytes;
+  const int64_t far = far_ahead(R * row_bytes);
   const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
   const uint16_t* srow = kInt4 ? w.group_scales() + n0 * groups : nullptr;
   const int8_t* xq_row = qx.q.data() + m * units * kRun;
@@ -540,7 +552,7 @@ PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n
   const int64_t runs = (K + kRun - 1) / kRun;  // int4 runs holding inputs < K (the last unit may hold one)
   constexpr int64_t kUnitBytes = kInt4 ? kUnit / 2 : kUnit;  // packed bytes of one unit of one row
   const int64_t next = R * row_bytes;                          // the next block of rows
-  const int64_t far = std::max<int64_t>(1, (kPrefetchFarBytes + next - 1) / next) * next;
+  const int64_t far = far_ahead(next);
   __m512 acc[MT][R];
   for (int m = 0; m < MT; ++m) {
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -634,11 +646,7 @@ void quant_linear_vnni(T* out, const T* x, int64_t x_stride, const QuantWeight& 
         rows_vnni_any<1>(sums.data(), w, n0, qx, M, scales.data());
       }
       for (int64_t m = 0; m < M; ++m) {
-        for (int64_t r = 0; r < rows; ++r) {
-          float sum = sums[m * rows + r];
-          if (w.format == QuantFormat::int8) sum *= w.channel_scales()[n0 + r];
-          out[m * w.N + n0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[n0 + r]) : sum);
-        }
+        for (int64_t r = 0; r < rows; ++r) write_out(out, w, bias, m, n0 + r, sums[m * rows + r]);
       }
       n0 += rows;
     }
@@ -684,10 +692,6 @@ void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight
   }
 #endif
   const QuantX qx = quantize_x(isa, w.format == QuantFormat::int4, x, x_stride, M, w.K);
-  auto finish = [&](int64_t m, int64_t n0, int64_t r, float sum) {
-    if (w.format == QuantFormat::int8) sum *= w.channel_scales()[n0 + r];
-    out[m * w.N + n0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[n0 + r]) : sum);
-  };
 #ifdef PHI_FAST_CPU_AVX2
   if (isa == Isa::avx2 && M == 1) {
     parallel_rows((w.N + kRows - 1) / kRows, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
@@ -700,7 +704,7 @@ void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight
         } else {
           row_avx2_any<1>(sums, w, n0, qx);
         }
-        for (int64_t r = 0; r < rows; ++r) finish(0, n0, r, sums[r]);
+        for (int64_t r = 0; r < rows; ++r) write_out(out, w, bias, 0, n0 + r, sums[r]);
         n0 += rows;
       }
     });
@@ -726,7 +730,9 @@ void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight
                                  group_shift});
       }
       for (int64_t m = 0; m < M; ++m) {
-        for (int64_t r = 0; r < rows; ++r) finish(m, n0, r, lane_sum(isa, acc.data() + (m * rows + r) * lanes));
+        for (int64_t r = 0; r < rows; ++r) {
+          write_out(out, w, bias, m, n0 + r, lane_sum(isa, acc.data() + (m * rows + r) * lanes));
+        }
       }
       n0 += rows;
     }
