@@ -18,9 +18,9 @@ Measured, per precision (phi_fast: model dtype bf16, linears packed at load time
   in the same run (a sum over 256 MiB).
 llama-bench runs with -r reps at its best setting: each cell the better of -fa 0 and -fa 1, weights repacked
 (its default; --repack 0 for a test where that crashes). phi_fast takes the best of --reps repetitions (medians
-would need more time than the run has). Both stacks run with OpenMP's default wait policy (unless OMP_WAIT_POLICY is set for
-the whole run): OMP_WAIT_POLICY=passive, which earlier runs set, costs llama.cpp's Q4_0 decode a third of its
-speed here (15.2 -> 9.8 tokens/s) and phi_fast's int4 decode 8% (14.1 -> 13.0).
+would need more time than the run has). Both stacks run with OpenMP's default wait policy (unless OMP_WAIT_POLICY
+is set for the whole run): OMP_WAIT_POLICY=passive, which earlier runs set, cost llama.cpp's Q4_0 decode a third
+(15.28 -> 10.06 tokens/s) and phi_fast's int4 decode 6% (14.88 -> 13.93) in this script's two runs of 2026-12-02.
 Writes bench/results/quant_cpu-cpu-<cores>core-<date>.{json,md}.
 """
 
