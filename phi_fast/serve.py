@@ -99,8 +99,7 @@ def run_serve(args: argparse.Namespace) -> int:
                          allowed_local_path=args.allowed_local_media_path)
     if args.ray:
         return _run_ray(args, api_key, policy)
-    sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
-                                else socket.AF_INET)
+    sock = socket.create_server((args.host, args.port), family=_family(args.host))
     try:
         model = load_model(args, max_num_seqs=args.max_num_seqs, cache_memory=args.cache_memory)
         try:
@@ -146,8 +145,7 @@ def _check_ray_options(args: argparse.Namespace) -> None:
         raise ValueError("--replicas is a fixed count: give it or --min-replicas/--max-replicas, not both")
     if args.target_ongoing_requests is not None and not autoscale:
         raise ValueError("--target-ongoing-requests needs --min-replicas/--max-replicas")
-    if autoscale and args.min_replicas is not None and args.max_replicas is not None \
-            and args.min_replicas > args.max_replicas:
+    if args.min_replicas is not None and args.max_replicas is not None and args.min_replicas > args.max_replicas:
         raise ValueError(f"--min-replicas {args.min_replicas} is more than --max-replicas {args.max_replicas}")
     if args.ray and args.replica_cpus <= 0:
         raise ValueError(f"--replica-cpus must be > 0, got {args.replica_cpus:g}")
@@ -211,8 +209,12 @@ def _run_ray(args: argparse.Namespace, api_key: str | None, policy: Any) -> int:
     return 0
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _free_port(host: str) -> int:
-    with socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    with socket.create_server((host, 0), family=_family(host)) as s:
         return s.getsockname()[1]
 
 
