@@ -375,66 +375,185 @@ PHI_FAST_TARGET_AVX2 void chunk_avx2(const BlockArgs& a) {
 
 PHI_FAST_TARGET_AVX2 float lane_sum_avx2(const float* v) { return avx2::hsum(_mm256_loadu_ps(v)); }
 
-// One row m of x times weight rows n0 .. n0 + R - 1 over all of K with the weights unpacked in registers (decode
-// at batch 1: no chunk buffer, every packed byte goes from memory straight into the products; more rows of x take
-// the chunk buffer, which unpacks each weight once for all of them). Units of 32 inputs in input order, as
-// quantize_x lays x out; arithmetic as tile_avx2. sums[r] gets the row's total before the int8 channel scale.
-template <int R, bool kInt4>
-PHI_FAST_TARGET_AVX2 void row_avx2(float* sums, const QuantWeight& w, int64_t n0, const QuantX& qx, int64_t m) {
-  const int64_t K = w.K, units = qx.units;
-  const int64_t kp = kInt4 ? round_up(K, w.group_size) : K;
-  const int64_t row_bytes = kInt4 ? kp / 2 : K, groups = kInt4 ? kp / w.group_size : 1;
-  const int shift = kInt4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
-  constexpr int64_t kUnitBytes = kInt4 ? kRun / 2 : kRun;
-  const int64_t far = far_ahead(R * row_bytes);
-  const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
-  const uint16_t* srow = kInt4 ? w.group_scales() + n0 * groups : nullptr;
-  const int8_t* xq_row = qx.q.data() + m * units * kRun;
-  const float* xs_row = qx.scale.data() + m * units * 8;
-  const float* corr_row = qx.corr.data() + m * units * 8;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m128i low = _mm_set1_epi8(0x0F);
+// Batch-1 decode with the weights unpacked in registers (no chunk buffer: every packed byte goes from memory
+// straight into the products; more rows of x take the chunk buffer, which unpacks each weight once for all of
+// them). sums[r] gets row n0 + r's total before the int8 channel scale. Each step also prefetches, as tile_vnni.
+
+// int8: units of 32 inputs in input order, as quantize_x lays x out; arithmetic as tile_avx2. The row's last,
+// partial unit is peeled off the loop so the loop body holds no call and keeps its accumulators in registers.
+// One unit u of int8 rows: w points at each row's unit u (rows row_stride apart).
+template <int R>
+PHI_FAST_TARGET_AVX2 inline void int8_unit(__m256* acc, const int8_t* w, int64_t row_stride, const QuantX& qx,
+                                           int64_t u) {
+  const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q.data() + u * kRun));
+  const __m256 xs = _mm256_loadu_ps(qx.scale.data() + u * 8);
+  const __m256i ax = _mm256_abs_epi8(xq);
+  for (int r = 0; r < R; ++r) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * row_stride));
+    // |qx| u8 x sign(qx) * w s8: pairs stay within int16
+    const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xq)), _mm256_set1_epi16(1));
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), xs, acc[r]);
+  }
+}
+
+// int8: units of 32 inputs in input order, as quantize_x lays x out; arithmetic as tile_avx2. The rows' last,
+// partial unit goes through a zero-padded copy after the loop (never reading past a row), so the loop body holds
+// no call and keeps its accumulators in registers.
+template <int R>
+PHI_FAST_TARGET_AVX2 void row_int8_avx2(float* sums, const QuantWeight& w, int64_t n0, const QuantX& qx) {
+  const int64_t K = w.K, full_units = K / kRun;
+  const int64_t far = far_ahead(R * K);
+  const int8_t* wrow = static_cast<const int8_t*>(w.data) + n0 * K;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t u = 0; u < units; ++u) {
-    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq_row + u * kRun));
-    const __m256 xs = _mm256_loadu_ps(xs_row + u * 8);
-    const __m256 corr = kInt4 ? _mm256_loadu_ps(corr_row + u * 8) : _mm256_setzero_ps();
-    const __m256i ax = _mm256_abs_epi8(xq);
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* p = wrow + r * row_bytes + u * kUnitBytes;
-      if (u % (64 / kUnitBytes) == 0) {  // as in tile_vnni
-        __builtin_prefetch(p + far, 0, 2);
-        __builtin_prefetch(p + R * row_bytes, 0, 3);
-      }
-      if constexpr (kInt4) {
-        if (u % 32 == 0) __builtin_prefetch(srow + (R + r) * groups + (u * kRun >> shift), 0, 3);
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));  // int4 rows hold whole runs
-        const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
-        const __m256 ws = _mm256_set1_ps(_cvtsh_ss(srow[r * groups + (u * kRun >> shift)]));
-        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xq), ones);  // nibbles u8 x qx s8
-        acc[r] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(d), xs, corr), ws, acc[r]);
-      } else {
-        __m256i wv;
-        if ((u + 1) * kRun <= K) {
-          wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        } else {  // the row's last inputs: never read past them (x is 0 there)
-          alignas(32) int8_t tail[kRun] = {};
-          std::memcpy(tail, p, K - u * kRun);
-          wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
-        }
-        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xq)), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), xs, acc[r]);
+  for (int64_t u = 0; u < full_units; ++u) {
+    if (u % 2 == 0) {
+      for (int r = 0; r < R; ++r) {
+        __builtin_prefetch(wrow + r * K + u * kRun + far, 0, 2);
+        __builtin_prefetch(wrow + r * K + u * kRun + R * K, 0, 3);
       }
     }
+    int8_unit<R>(acc, wrow + u * kRun, K, qx, u);
+  }
+  if (full_units < qx.units) {
+    alignas(32) int8_t tail[R][kRun] = {};
+    for (int r = 0; r < R; ++r) std::memcpy(tail[r], wrow + r * K + full_units * kRun, K - full_units * kRun);
+    int8_unit<R>(acc, tail[0], kRun, qx, full_units);
   }
   for (int r = 0; r < R; ++r) sums[r] = avx2::hsum(acc[r]);
 }
 
+// x for the int4 kernel: per pair of runs (64 inputs, run0 then run1) the lane order of one 32-byte load of the
+// two runs' packed bytes after splitting the nibbles: q [pairs, 64] = [run0 in 0-15, run1 in 0-15] (the low
+// nibbles) then [run0 in 16-31, run1 in 16-31] (the high nibbles); scale and corr [pairs, 8], lanes 0-3 run0's,
+// 4-7 run1's, where lane j sums the products of inputs 4j..4j+3 and 16+4j..16+4j+3 of its run.
+struct PairX {
+  int64_t pairs = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scale, corr;
+};
+
+// quantize_x's int4 AVX2 layout (input order, lane l = inputs 4l..4l+3 of the unit) reordered into pairs.
+PairX pair_order(const QuantX& qx) {
+  PairX px;
+  px.pairs = (qx.units + 1) / 2;
+  px.q.assign(px.pairs * 64, 0);
+  px.scale.assign(px.pairs * 8, 0.0f);
+  px.corr.assign(px.pairs * 8, 0.0f);
+  for (int64_t u = 0; u < qx.units; ++u) {
+    const int64_t p = u / 2, h = u % 2;
+    const int8_t* src = qx.q.data() + u * kRun;
+    std::memcpy(px.q.data() + p * 64 + h * 16, src, 16);
+    std::memcpy(px.q.data() + p * 64 + 32 + h * 16, src + 16, 16);
+    for (int j = 0; j < 4; ++j) {
+      px.scale[p * 8 + h * 4 + j] = qx.scale[u * 8 + j];
+      px.corr[p * 8 + h * 4 + j] = qx.corr[u * 8 + j] + qx.corr[u * 8 + j + 4];
+    }
+  }
+  return px;
+}
+
+// int4, one pair of runs of R weight rows (b: row 0's 32 bytes, rows row_bytes apart; for the row's last, lone
+// run the caller passes a zero-padded copy). ws[r]: the pair's weight scales, lanes 0-3 run0's, 4-7 run1's.
 template <int R>
-PHI_FAST_TARGET_AVX2 void row_avx2_any(float* sums, const QuantWeight& w, int64_t n0, const QuantX& qx) {
-  if (w.format == QuantFormat::int4) return row_avx2<R, true>(sums, w, n0, qx, 0);
-  row_avx2<R, false>(sums, w, n0, qx, 0);
+PHI_FAST_TARGET_AVX2 inline void int4_pair(__m256* acc, const uint8_t* b, int64_t row_bytes, const PairX& px,
+                                           int64_t p, const __m256* ws) {
+  const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(px.q.data() + p * 64));
+  const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(px.q.data() + p * 64 + 32));
+  const __m256 xs = _mm256_loadu_ps(px.scale.data() + p * 8);
+  const __m256 corr = _mm256_loadu_ps(px.corr.data() + p * 8);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int r = 0; r < R; ++r) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + r * row_bytes));
+    const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    const __m256i d16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+    const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(d16, _mm256_set1_epi16(1)));
+    acc[r] = _mm256_fmadd_ps(_mm256_fmsub_ps(d, xs, corr), ws[r], acc[r]);
+  }
+}
+
+// int4: per pair and weight row one 32-byte load (two runs), the nibbles split with and / shift, and the low and
+// high halves' u8 x s8 products added in int16 (at most 2 * 2 * 15 * 127 = 7620) before one madd: about half of
+// the instructions per weight of one 16-byte run at a time (bench/NOTES.md). The block's fp16 group scales are
+// widened to fp32 into scales ([R, groups]) first, and the next block's are prefetched. The loop takes two pairs
+// (one cache line of each row) per step, so its prefetches need no condition; the rows' last pair or lone run
+// come after it.
+template <int R, bool kGroup32>
+PHI_FAST_TARGET_AVX2 void row_int4_avx2(float* sums, const QuantWeight& w, int64_t n0, const PairX& px,
+                                        float* scales) {
+  const int64_t kp = round_up(w.K, w.group_size), row_bytes = kp / 2, groups = kp / w.group_size;
+  const int64_t runs = kp / kRun, pairs = px.pairs;
+  const int shift = __builtin_ctzll(static_cast<uint64_t>(w.group_size));
+  const int64_t far = far_ahead(R * row_bytes);
+  const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
+  const uint16_t* srow = w.group_scales() + n0 * groups;
+  int64_t i = 0;
+  for (; i + 8 <= R * groups; i += 8) {
+    _mm256_storeu_ps(scales + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + i))));
+  }
+  for (; i < R * groups; ++i) scales[i] = _cvtsh_ss(srow[i]);
+  for (int64_t j = 0; j < R * groups * 2; j += 64) __builtin_prefetch(reinterpret_cast<const char*>(srow + R * groups) + j, 0, 3);
+  const __m256i first = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0), second = _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2);
+  __m256 acc[R], ws[R], ws2[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t p = 0;
+  for (; p + 2 <= pairs && 2 * p + 4 <= runs; p += 2) {
+    const uint8_t* b = wrow + p * 32;
+    for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(b + r * row_bytes + far, 0, 2);
+      __builtin_prefetch(b + r * row_bytes + R * row_bytes, 0, 3);
+      const float* s = scales + r * groups;
+      if constexpr (kGroup32) {  // the two pairs' four scales
+        const __m256 four = _mm256_castps128_ps256(_mm_loadu_ps(s + 2 * p));
+        ws[r] = _mm256_permutevar8x32_ps(four, first);
+        ws2[r] = _mm256_permutevar8x32_ps(four, second);
+      } else {
+        ws[r] = _mm256_set1_ps(s[(p * 64) >> shift]);
+        ws2[r] = _mm256_set1_ps(s[((p + 1) * 64) >> shift]);
+      }
+    }
+    int4_pair<R>(acc, b, row_bytes, px, p, ws);
+    int4_pair<R>(acc, b + 32, row_bytes, px, p + 1, ws2);
+  }
+  for (; p < pairs; ++p) {  // at most two pairs left, the last maybe a lone run: through zero-padded copies
+    const bool lone = 2 * p + 1 == runs;
+    alignas(32) uint8_t tail[R][32] = {};
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(tail[r], wrow + r * row_bytes + p * 32, lone ? 16 : 32);
+      const float* s = scales + r * groups;
+      const float s0 = s[(p * 64) >> shift], s1 = lone ? 0.0f : s[(p * 64 + 32) >> shift];
+      ws[r] = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
+    }
+    int4_pair<R>(acc, tail[0], 32, px, p, ws);
+  }
+  for (int r = 0; r < R; ++r) sums[r] = avx2::hsum(acc[r]);
+}
+
+// One row of x times every weight row: blocks of kRows rows on each thread, then the rows left one at a time.
+template <typename T>
+void decode_avx2(T* out, const QuantWeight& w, const T* bias, const QuantX& qx, double work_ns, int num_threads) {
+  const bool int4 = w.format == QuantFormat::int4;
+  const PairX px = int4 ? pair_order(qx) : PairX{};
+  const int64_t groups = int4 ? round_up(w.K, w.group_size) / w.group_size : 0;
+  parallel_rows((w.N + kRows - 1) / kRows, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
+    float sums[kRows];
+    std::vector<float> scales(kRows * groups);
+    const int64_t end = std::min(block_end * kRows, w.N);
+    for (int64_t n0 = block_begin * kRows; n0 < end;) {
+      const int64_t rows = n0 + kRows <= end ? kRows : 1;
+      if (!int4) {
+        rows == kRows ? row_int8_avx2<kRows>(sums, w, n0, qx) : row_int8_avx2<1>(sums, w, n0, qx);
+      } else if (w.group_size == 32) {
+        rows == kRows ? row_int4_avx2<kRows, true>(sums, w, n0, px, scales.data())
+                      : row_int4_avx2<1, true>(sums, w, n0, px, scales.data());
+      } else {
+        rows == kRows ? row_int4_avx2<kRows, false>(sums, w, n0, px, scales.data())
+                      : row_int4_avx2<1, false>(sums, w, n0, px, scales.data());
+      }
+      for (int64_t r = 0; r < rows; ++r) write_out(out, w, bias, 0, n0 + r, sums[r]);
+      n0 += rows;
+    }
+  });
 }
 #endif
 
@@ -693,23 +812,7 @@ void quant_linear_kernel(T* out, const T* x, int64_t x_stride, const QuantWeight
 #endif
   const QuantX qx = quantize_x(isa, w.format == QuantFormat::int4, x, x_stride, M, w.K);
 #ifdef PHI_FAST_CPU_AVX2
-  if (isa == Isa::avx2 && M == 1) {
-    parallel_rows((w.N + kRows - 1) / kRows, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
-      float sums[kRows];
-      const int64_t end = std::min(block_end * kRows, w.N);
-      for (int64_t n0 = block_begin * kRows; n0 < end;) {
-        const int64_t rows = n0 + kRows <= end ? kRows : 1;
-        if (rows == kRows) {
-          row_avx2_any<kRows>(sums, w, n0, qx);
-        } else {
-          row_avx2_any<1>(sums, w, n0, qx);
-        }
-        for (int64_t r = 0; r < rows; ++r) write_out(out, w, bias, 0, n0 + r, sums[r]);
-        n0 += rows;
-      }
-    });
-    return;
-  }
+  if (isa == Isa::avx2 && M == 1) return decode_avx2(out, w, bias, qx, work_ns, num_threads);
 #endif
   const int lanes = qx.lanes;
   const int64_t blocks = (w.N + kRows - 1) / kRows;
