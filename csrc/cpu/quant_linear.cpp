@@ -9,13 +9,14 @@
 // the 8 * sum(qx) surplus is taken off with a per-lane correction precomputed with x.
 // Loop order: output rows kRows at a time, each packed weight read from memory once per call. Paths (chosen at run
 // time): VNNI (AVX512-VNNI dpbusd on 64 weights) when avx512::enabled() and the CPU has it: weights unpacked in
-// registers, every row of x multiplied with them; else AVX2 (maddubs + madd on 32 weights): in registers for one
-// row of x, and for more rows through a chunk buffer (per chunk of kChunk inputs the kRows rows laid out in lane
-// order, int4 nibbles unpacked, then every row of x multiplied with it); else portable loops (the chunk buffer)
-// with the same arithmetic. Decode GEMVs are read-bound, so each block prefetches the next one's bytes.
-// dequantize_rows (the prompt path: fp32 tiles for torch's GEMM) unpacks to fp32 exactly: AVX-512, AVX2 or scalar.
-// Threads: N split into one contiguous range of kRows-row blocks per thread, only when the call is big enough to
-// pay for a team (kernel_utils.h).
+// registers, every row of x multiplied with them; else AVX2 (maddubs + madd on 32 weights): in registers for one row
+// of x (int4: two runs per 32-byte load, x reordered to match, PairX), and for more rows through a chunk buffer (per
+// chunk of kChunk inputs the kRows rows laid out in lane order, int4 nibbles unpacked, then every row of x
+// multiplied with it); else portable loops (the chunk buffer) with the same arithmetic. Decode GEMVs are read-bound,
+// so each block prefetches the next one's bytes. dequantize_rows (the prompt path: fp32 tiles for torch's GEMM)
+// unpacks to fp32 exactly: AVX-512, AVX2 or scalar, its rows split over the threads. Threads: N split into one
+// contiguous range of kRows-row blocks per thread, only when the call is big enough to pay for a team
+// (kernel_utils.h).
 #include "cpu/quant_linear.h"
 
 #include <algorithm>
@@ -492,7 +493,8 @@ PHI_FAST_TARGET_AVX2 void row_int4_avx2(float* sums, const QuantWeight& w, int64
     _mm256_storeu_ps(scales + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(srow + i))));
   }
   for (; i < R * groups; ++i) scales[i] = _cvtsh_ss(srow[i]);
-  for (int64_t j = 0; j < R * groups * 2; j += 64) __builtin_prefetch(reinterpret_cast<const char*>(srow + R * groups) + j, 0, 3);
+  const char* next_scales = reinterpret_cast<const char*>(srow + R * groups);
+  for (int64_t j = 0; j < R * groups * 2; j += 64) __builtin_prefetch(next_scales + j, 0, 3);
   const __m256i first = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0), second = _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2);
   __m256 acc[R], ws[R], ws2[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -855,9 +857,13 @@ void dequant(float* dst, const QuantWeight& w, int64_t n, int64_t k0, int64_t le
 
 }  // namespace
 
-void dequantize_rows(float* dst, int64_t dst_stride, const QuantWeight& w, int64_t n0, int64_t rows) {
+void dequantize_rows(float* dst, int64_t dst_stride, const QuantWeight& w, int64_t n0, int64_t rows,
+                     int num_threads) {
   const int64_t len = w.format == QuantFormat::int4 ? round_up(w.K, kRun) : w.K;
-  for (int64_t r = 0; r < rows; ++r) dequant(dst + r * dst_stride, w, n0 + r, 0, len);
+  // The prompt path's tiles (MBs of fp32) are written once: a stream of their bytes.
+  parallel_rows(rows, stream_ns(4.0 * static_cast<double>(rows) * len), num_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) dequant(dst + r * dst_stride, w, n0 + r, 0, len);
+  });
 }
 
 void quant_linear(void* out, const void* x, int64_t x_stride, const QuantWeight& w, const void* bias, int64_t M,

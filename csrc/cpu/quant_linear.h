@@ -16,8 +16,9 @@ using ::phi_fast::QuantFormat;
 using ::phi_fast::QuantWeight;
 
 // dst[r, j] = w[n0 + r, j] (fp32) for r < rows, j < K; dst rows dst_stride floats apart (dst_stride >= K rounded
-// up to 32: whole 32-weight runs are written, the values past K are padding).
-void dequantize_rows(float* dst, int64_t dst_stride, const QuantWeight& w, int64_t n0, int64_t rows);
+// up to 32: whole 32-weight runs are written, the values past K are padding). Rows are split over up to
+// num_threads threads when there are enough of them to pay for a team.
+void dequantize_rows(float* dst, int64_t dst_stride, const QuantWeight& w, int64_t n0, int64_t rows, int num_threads);
 
 // out = x @ w^T + bias (bias may be null) for a few rows of x (decode: M = batch <= 16), reading each packed
 // weight row once for all M rows. x is quantized on the fly to int8 per block of 32 inputs (scale max|x| / 127,

@@ -96,7 +96,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
       const int64_t stride = (K + 31) / 32 * 32;
       at::Tensor buffer = at::empty({std::min(tile_rows(K), w.N), stride}, x.options().dtype(at::kFloat));
       return tiled_linear(x, bias, w.N, [&](int64_t n0, int64_t rows) {
-        cpu::dequantize_rows(buffer.data_ptr<float>(), stride, w, n0, rows);
+        cpu::dequantize_rows(buffer.data_ptr<float>(), stride, w, n0, rows, at::get_num_threads());
         return buffer.narrow(0, 0, rows).narrow(1, 0, K);
       });
     }
@@ -124,7 +124,7 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scales, int64
   if (ctx.device.is_cpu()) {
     const int64_t stride = (in_features + 31) / 32 * 32;
     at::Tensor out = at::empty({w.N, stride}, scales.options().dtype(at::kFloat));
-    if (out.numel() > 0) cpu::dequantize_rows(out.data_ptr<float>(), stride, w, 0, w.N);
+    if (out.numel() > 0) cpu::dequantize_rows(out.data_ptr<float>(), stride, w, 0, w.N, at::get_num_threads());
     return out.narrow(1, 0, in_features).contiguous();
   }
 #endif
