@@ -109,9 +109,13 @@ def main() -> None:
                 variants[f"{fmt} old"] = (pool, lambda w: old.quant_linear(x, w[0], w[1], None))
         times: dict[str, list[float]] = {v: [] for v in variants}
         cpu: dict[str, list[float]] = {v: [] for v in variants}
+        used: dict[int, int] = {}  # per pool, how many of its copies were taken: variants sharing a pool (new and
+        # old build) never read the copy another just read (it would come from the L3 cache)
         for rep in range(args.reps + 2):  # two warm-up rounds
             for v, (pool, fn) in variants.items():
-                w = pool[rep % len(pool)]
+                taken = used.get(id(pool), 0)
+                used[id(pool)] = taken + 1
+                w = pool[taken % len(pool)]
                 t, c = time.perf_counter(), time.process_time()
                 fn(w)
                 dt, dc = time.perf_counter() - t, time.process_time() - c
