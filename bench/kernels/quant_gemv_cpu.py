@@ -5,7 +5,8 @@ optional second build of the extension (e.g. the previous commit's) timed side b
 
 Shapes (K -> N): qkv 2560 -> 7680, fc1 2560 -> 10240, fc2 10240 -> 2560, lm_head 2560 -> 51200. Weights are
 random packed bytes (the kernels' speed does not depend on the values), cycled through enough copies (>= 256 MiB
-per case) that every call reads them from memory, as decode does; --hot keeps one copy (the caches' speed, i.e.
+per case) that every call reads them from memory, as decode does (the new and the old build take different copies:
+the same copy would come from L3 the second time); --hot keeps one copy (the caches' speed, i.e.
 the kernel's compute cost: use the *_slice shapes, 1/10 of fc1 and fc2, which fit in L2 / L3). Calls are interleaved round-robin over the
 variants (new / old build, format), so load from other processes hits them alike; each figure is the best and
 the median of --reps calls, in wall time and in the process's CPU time (all threads: on a machine shared with

@@ -380,8 +380,6 @@ PHI_FAST_TARGET_AVX2 float lane_sum_avx2(const float* v) { return avx2::hsum(_mm
 // straight into the products; more rows of x take the chunk buffer, which unpacks each weight once for all of
 // them). sums[r] gets row n0 + r's total before the int8 channel scale. Each step also prefetches, as tile_vnni.
 
-// int8: units of 32 inputs in input order, as quantize_x lays x out; arithmetic as tile_avx2. The row's last,
-// partial unit is peeled off the loop so the loop body holds no call and keeps its accumulators in registers.
 // One unit u of int8 rows: w points at each row's unit u (rows row_stride apart).
 template <int R>
 PHI_FAST_TARGET_AVX2 inline void int8_unit(__m256* acc, const int8_t* w, int64_t row_stride, const QuantX& qx,
