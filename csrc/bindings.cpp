@@ -2,6 +2,7 @@
 // docstrings as phi_fast/reference.py), plus build information recorded at compile time.
 #include <torch/python.h>
 
+#include "cpu/quant_linear.h"
 #include "cpu/vec_avx2.h"
 #include "cpu/vec_avx512.h"
 #include "ops/ops.h"
@@ -39,6 +40,7 @@ py::dict cpu_features() {
   d["avx512"] = false;
 #endif
   d["native_bf16"] = phi_fast::cpu::native_bf16();
+  d["int8_prompts"] = phi_fast::cpu::quant_gemm_enabled();
   return d;
 }
 #endif

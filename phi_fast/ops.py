@@ -154,8 +154,9 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, in_features: int, ba
 
 
 def cpu_features() -> dict[str, bool]:
-    """The CPU kernel paths this process takes: {"avx2", "avx512", "native_bf16"} (CPU features and the
-    PHI_FAST_CPU_PORTABLE / PHI_FAST_CPU_NO_AVX512 / PHI_FAST_CPU_NO_BF16 switches)."""
+    """The CPU kernel paths this process takes: {"avx2", "avx512", "native_bf16", "int8_prompts"} (CPU features
+    and the PHI_FAST_CPU_PORTABLE / PHI_FAST_CPU_NO_AVX512 / PHI_FAST_CPU_NO_BF16 / PHI_FAST_CPU_DEQUANT_PROMPTS
+    switches). int8_prompts: quantized linears at prompt sizes quantize x to int8 blocks, as decode does."""
     return dict(_ext.extension().cpu_features())
 
 

@@ -1,12 +1,13 @@
 """Quantized weights on the CPU: the packing (phi_fast.quant), ops.dequantize and ops.quant_linear
-(csrc/cpu/quant_linear.cpp for M <= 16, dequantized tiles into torch's GEMM above) vs phi_fast.reference, and
-the tiled fp32 path of ops.linear for 16-bit weights on CPUs without native bf16 dot products.
+(csrc/cpu/quant_linear.cpp for M <= 16, csrc/cpu/quant_gemm.cpp above, or dequantized tiles into torch's GEMM
+on AMX CPUs) vs phi_fast.reference, and the tiled fp32 path of ops.linear for 16-bit weights on CPUs without
+native bf16 dot products.
 
 Outputs the ops allocate come back NaN-filled unless written (nan_filled_outputs), so an element a kernel fails
 to write fails the test. Dequantization is exact (the same single rounding of (q - 8) * scale), so it must match
 bit for bit; products are sums in another order: fp32 to a few ulps of the sum, fp16/bf16 to about two ulps.
 The AVX-512, AVX2 and portable paths all run here: the last two in child processes with PHI_FAST_CPU_NO_AVX512=1
-or PHI_FAST_CPU_PORTABLE=1.
+or PHI_FAST_CPU_PORTABLE=1, and the dequantizing prompt path with PHI_FAST_CPU_DEQUANT_PROMPTS=1.
 """
 
 from __future__ import annotations
@@ -152,12 +153,13 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
 def _check(x: torch.Tensor, w: QuantizedWeight, b: torch.Tensor | None, what: str) -> None:
     out = ops.linear(x, w, b, backend=CPP)
     ref = reference.quant_linear(x, w.qweight, w.scales, b)
-    if x.shape[0] <= 16:  # decode: activations quantized to int8 blocks on the fly
+    int8_x = x.shape[0] <= 16 or ops.cpu_features()["int8_prompts"]
+    if int8_x:  # decode, and prompts on the integer GEMM: activations quantized to int8 blocks on the fly
         ref = reference.quant_linear(quantized_activations(x), w.qweight, w.scales,
                                      b.float() if b is not None else None).to(x.dtype)
     assert (out.dtype, out.shape) == (ref.dtype, ref.shape), f"{what}: {out.dtype} {out.shape} vs {ref.shape}"
     assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten elements?)"
-    if x.dtype == torch.bfloat16 and x.shape[0] > 16 and ops.cpu_features()["native_bf16"]:
+    if x.dtype == torch.bfloat16 and not int8_x and ops.cpu_features()["native_bf16"]:
         # Prompts on CPUs with bf16 dot products multiply bf16-rounded weight tiles: held to twice the error of
         # that rounding itself (the reference's fp32 math over the same bf16 weights).
         exact = reference.quant_linear(x.float(), w.qweight, w.scales, b.float() if b is not None else None)
@@ -225,7 +227,7 @@ def test_quant_linear_on_every_thread_split(torch_threads):
     """Weights of MBs fork a team that splits N; N = 3001 leaves a ragged last block."""
     for cfg in (CONFIGS[0], CONFIGS[2]):
         w = _weight(3001, 2560, cfg, seed=torch_threads)
-        for m in (1, 4, 13):
+        for m in (1, 4, 13, 37):
             _check(_randn(m, 2560, seed=m), w, _randn(3001, seed=2), f"{torch_threads} threads M={m} {cfg}")
 
 
@@ -243,12 +245,12 @@ _CHILD_CHECK = (
     "assert ops.cpu_features() == EXPECTED, ops.cpu_features()\n"
     "torch.manual_seed(0)\n"
     "for cfg in (QuantConfig('int8'), QuantConfig('int4', 32), QuantConfig('int4', 128)):\n"
-    "    for m, k, n in ((1, 17, 9), (5, 1023, 1000), (16, 80, 7), (40, 300, 70)):\n"
+    "    for m, k, n in ((1, 17, 9), (5, 1023, 1000), (16, 80, 7), (40, 300, 70), (23, 1100, 19)):\n"
     "        for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2)):\n"
     "            w = quantize(torch.randn(n, k) / k ** 0.5, cfg)\n"
     "            x, b = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)\n"
     "            assert torch.equal(ops.dequantize(w.qweight, w.scales, k, backend='cpp'), w.dequantize())\n"
-    "            xr = quantized_activations(x) if m <= 16 else x.float()\n"
+    "            xr = quantized_activations(x) if m <= 16 or EXPECTED['int8_prompts'] else x.float()\n"
     "            ref = reference.quant_linear(xr, w.qweight, w.scales, b.float())\n"
     "            torch.testing.assert_close(ops.linear(x, w, b, backend='cpp').float(), ref, atol=tol, rtol=tol)\n"
 )
@@ -258,14 +260,36 @@ def test_quant_linear_avx2_path():
     """The AVX2 loops (CPUs without AVX-512), forced by PHI_FAST_CPU_NO_AVX512=1."""
     if not ops.cpu_features()["avx2"]:
         pytest.skip("this CPU has no AVX2")
-    expected = {"avx2": True, "avx512": False, "native_bf16": ops.cpu_features()["native_bf16"]}
+    expected = dict(ops.cpu_features(), avx2=True, avx512=False)
     _run_child(f"EXPECTED = {expected!r}\n" + _CHILD_CHECK, PHI_FAST_CPU_NO_AVX512="1")
 
 
 def test_quant_linear_portable_path():
     """The portable loops, forced by PHI_FAST_CPU_PORTABLE=1."""
-    expected = {"avx2": False, "avx512": False, "native_bf16": ops.cpu_features()["native_bf16"]}
+    expected = dict(ops.cpu_features(), avx2=False, avx512=False)
     _run_child(f"EXPECTED = {expected!r}\n" + _CHILD_CHECK, PHI_FAST_CPU_PORTABLE="1")
+
+
+def test_quant_linear_dequantizing_prompt_path():
+    """Prompts through dequantized tiles into torch's GEMM (AMX CPUs; PHI_FAST_CPU_DEQUANT_PROMPTS=1 forces it):
+    x exact, so the reference's fp32 math (bf16 x with native bf16 is covered by _check on such CPUs)."""
+    expected = dict(ops.cpu_features(), int8_prompts=False, native_bf16=False)
+    _run_child(f"EXPECTED = {expected!r}\n" + _CHILD_CHECK, PHI_FAST_CPU_DEQUANT_PROMPTS="1", PHI_FAST_CPU_NO_BF16="1")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_prompt_matches_decode_rows(cfg, dtype):
+    """A prompt's rows come out as decode steps of the same rows would (the same int8 activations and integer
+    sums; only the fp32 order of the per-block terms differs), so a prompt and its decode agree."""
+    if not ops.cpu_features()["int8_prompts"]:
+        pytest.skip("this CPU's prompts take dequantized tiles (AMX)")
+    w = _weight(530, 1100, cfg, seed=11)
+    x, b = _randn(45, 1100, dtype=dtype, seed=12), _randn(530, dtype=dtype, seed=13)
+    prompt = ops.linear(x, w, b, backend=CPP)
+    decode = torch.cat([ops.linear(x[i:i + 1], w, b, backend=CPP) for i in range(x.shape[0])])
+    ulp = 1e-5 if dtype == torch.float32 else 8e-3  # a few fp32 roundings; one bf16 rounding step either way
+    torch.testing.assert_close(prompt.float(), decode.float(), atol=ulp, rtol=ulp)
 
 
 # ---- 16-bit weights for prompts without native bf16 ------------------------------------------------------------

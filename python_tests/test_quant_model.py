@@ -142,12 +142,14 @@ def test_corrupt_quantized_checkpoint_names_the_tensor(tiny, tmp_path):
 # ---- accuracy against the fp32 model (thresholds: measured on this model, see bench/NOTES.md) ----
 
 # (format, group): teacher-forced relative logit error and top-1 agreement bounds, decode path (16 tokens a step:
-# int8 activations) and prompt path (one 64-token step: dequantized tiles), and greedy tokens equal to fp32. This
-# model is tiny (hidden 160, so int4 groups of 128 are 2 per row, one of them padded) and random (near-tied
-# logits), so the bounds catch broken packing or kernels (rel error ~1, top-1 ~0), not small regressions; the
+# int8 activations) and prompt path (one 64-token step: int8 activations too on the integer GEMM, exact x through
+# dequantized tiles on AMX CPUs), and greedy tokens equal to fp32. This model is tiny (hidden 160, so int4 groups
+# of 128 are 2 per row, one of them padded) and random (near-tied logits, so greedy runs part at the first near
+# tie: bf16 seed 0 keeps 24 of 24 tokens on fp32 tiles and AMX but 4 on AVX512-BF16's dot products, at the same
+# logit error), so the bounds catch broken packing or kernels (rel error ~1, top-1 ~0), not small regressions; the
 # numbers at Phi-2's sizes are in bench/NOTES.md.
 ACCURACY_BOUNDS = {  # measured (seeds 0, 1): rel error decode / prompt path, top-1, greedy tokens equal
-    ("bf16", 0): dict(rel=0.015, top1=0.95, greedy=16),  # 0.0056 / 0.0056, 0.98-1.0, 24 of 24
+    ("bf16", 0): dict(rel=0.015, top1=0.95, greedy=2),  # 0.0056 / 0.0056, 0.98-1.0, 4-24 of 24
     ("int8", 64): dict(rel=0.03, top1=0.9, greedy=1),  # 0.0143 / 0.0109, 0.94-1.0, 1 and 24
     ("int4", 32): dict(rel=0.2, top1=0.7, greedy=1),  # 0.139 / 0.138, 0.78-0.84, 1-2
     ("int4", 64): dict(rel=0.22, top1=0.65, greedy=1),  # 0.150 / 0.150, 0.73-0.75, 1-2

@@ -28,4 +28,14 @@ void dequantize_rows(float* dst, int64_t dst_stride, const QuantWeight& w, int64
 void quant_linear(void* out, const void* x, int64_t x_stride, const QuantWeight& w, const void* bias, int64_t M,
                   DType dtype, int num_threads);
 
+// The same function as quant_linear (x quantized to int8 blocks, integer dot products) for prompt-sized M, as a
+// blocked GEMM (csrc/cpu/quant_gemm.cpp): each packed weight read once per call, M any size.
+void quant_gemm(void* out, const void* x, int64_t x_stride, const QuantWeight& w, const void* bias, int64_t M,
+                DType dtype, int num_threads);
+
+// Whether prompts take quant_gemm: false on CPUs with AMX (torch's bf16 GEMM on dequantized tiles is faster
+// there) or with PHI_FAST_CPU_DEQUANT_PROMPTS=1 set; those dequantize tile by tile into torch's GEMM.
+// Decided once per process.
+bool quant_gemm_enabled();
+
 }  // namespace phi_fast::cpu

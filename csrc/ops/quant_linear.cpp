@@ -92,6 +92,12 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   if (bias) check_arg(ctx, "bias", *bias, {w.N}, "[N]", Layout::contiguous);
   if (M > kMaxKernelRows) {
 #ifndef PHI_FAST_SIM
+    if (ctx.device.is_cpu() && cpu::quant_gemm_enabled()) {
+      at::Tensor out = at::empty({M, w.N}, x.options());
+      cpu::quant_gemm(out.data_ptr(), x.data_ptr(), x.stride(0), w, bias ? bias->data_ptr() : nullptr, M, ctx.dtype,
+                      at::get_num_threads());
+      return out;
+    }
     if (ctx.device.is_cpu()) {
       const int64_t stride = (K + 31) / 32 * 32;
       at::Tensor buffer = at::empty({std::min(tile_rows(K), w.N), stride}, x.options().dtype(at::kFloat));
