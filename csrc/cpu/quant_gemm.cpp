@@ -13,8 +13,9 @@
 // rows of x (in L1) runs the register micro-kernel over each panel of the group: MR x NR outputs accumulated in
 // int32 over a block of 32 inputs, then scaled into fp32 accumulators, all over K in registers; outputs are written
 // once. Paths (run time): VNNI (NR = 16, MR = 8; weights u8 = q + 8 / w + 128, one dpbusd per 4 inputs x 16
-// rows), AVX2 (NR = 8, MR = 4; int4: two maddubs added in int16, at most 4 * 15 * 127 = 7620, then one madd;
-// int8: maddubs(|w|, sign(x, w)), whose pairs stay within int16), portable loops (NR = 8) with the same sums.
+// rows), AVX2 (NR = 8, MR = 4; int4: the block's 8 maddubs summed in int16, at most 16 * 15 * 127 = 30480, then
+// one madd; int8: maddubs(|w|, sign(x, w)), whose pairs stay within int16, then a madd each), portable loops
+// (NR = 8) with the same sums.
 // Threads: the panels split into one contiguous range per thread.
 #include <algorithm>
 #include <cmath>
@@ -104,8 +105,16 @@ struct Panel {
   const float* scales;
 };
 
-// Packs rows [n0, n0 + rows) (rows <= NR; the rest zero) into bytes / scales. int4: the nibbles q + 8; int8: the
-// signed bytes, or w + 128 (flip) for the VNNI kernel's unsigned operand.
+// The 4 bytes at p as one uint32, and back.
+inline uint32_t load4(const void* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline void store4(void* p, uint32_t v) { std::memcpy(p, &v, 4); }
+
+// Packs rows [n0, n0 + rows) (rows <= NR; the rest zero) into bytes / scales, 4 inputs (one uint32) at a time.
+// int4: the nibbles q + 8; int8: the signed bytes, or w + 128 (flip) for the VNNI kernel's unsigned operand.
 void pack_panel(uint8_t* bytes, float* scales, int NR, const QuantWeight& w, int64_t n0, int64_t rows,
                 int64_t blocks, bool flip) {
   std::memset(bytes, 0, blocks * kBlock * NR);
@@ -113,31 +122,32 @@ void pack_panel(uint8_t* bytes, float* scales, int NR, const QuantWeight& w, int
   const bool int4 = w.format == QuantFormat::int4;
   const int64_t kp = int4 ? (w.K + w.group_size - 1) / w.group_size * w.group_size : w.K;
   const int shift = int4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
+  const uint32_t flip_bits = flip ? 0x80808080u : 0u;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t n = n0 + r;
-    for (int64_t b = 0; b < blocks; ++b) {
-      uint8_t* dst = bytes + b * kBlock * NR + r * 4;  // + (quad * NR) * 4 + i
-      if (int4) {
-        const uint8_t* src = static_cast<const uint8_t*>(w.data) + n * (kp / 2) + b * 16;
-        for (int j = 0; j < 8; ++j) {
-          for (int i = 0; i < 4; ++i) {
-            const uint8_t byte = src[(j % 4) * 4 + i];
-            dst[j * NR * 4 + i] = j < 4 ? byte & 15 : byte >> 4;
-          }
+    uint8_t* dst = bytes + r * 4;  // quad j of block b at (b * 8 + j) * NR * 4
+    if (int4) {
+      const uint8_t* src = static_cast<const uint8_t*>(w.data) + n * (kp / 2);
+      const uint16_t* s = w.group_scales() + n * (kp / w.group_size);
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int j = 0; j < 4; ++j) {  // quad j: low nibbles of bytes 4j..4j+3; quad j + 4: their high nibbles
+          const uint32_t v = load4(src + b * 16 + 4 * j);
+          store4(dst + (b * 8 + j) * NR * 4, v & 0x0F0F0F0Fu);
+          store4(dst + (b * 8 + j + 4) * NR * 4, (v >> 4) & 0x0F0F0F0Fu);
         }
-        scales[b * NR + r] = half_to_float(w.group_scales()[n * (kp / w.group_size) + ((b * kBlock) >> shift)]);
-      } else {
-        const int8_t* src = static_cast<const int8_t*>(w.data) + n * w.K;
-        for (int64_t k = b * kBlock; k < std::min((b + 1) * kBlock, w.K); ++k) {
-          const int64_t j = (k - b * kBlock) / 4, i = k % 4;
-          dst[j * NR * 4 + i] = static_cast<uint8_t>(src[k]) ^ (flip ? 0x80 : 0);
-        }
-        if (flip) {  // the padding past K: w = 0 is 128 (x is 0 there, so any value works; keep it the true one)
-          for (int64_t k = w.K; k < (b + 1) * kBlock; ++k) dst[(k - b * kBlock) / 4 * NR * 4 + k % 4] = 0x80;
-        }
-        scales[b * NR + r] = w.channel_scales()[n];
+        scales[b * NR + r] = half_to_float(s[(b * kBlock) >> shift]);
       }
+      continue;
     }
+    const int8_t* src = static_cast<const int8_t*>(w.data) + n * w.K;
+    const int64_t quads = w.K / 4;
+    for (int64_t q = 0; q < quads; ++q) store4(dst + q * NR * 4, load4(src + 4 * q) ^ flip_bits);
+    for (int64_t q = quads; q < blocks * 8; ++q) {  // the last inputs and the padding (w = 0) past K
+      uint8_t quad[4] = {};
+      for (int64_t i = 0; i < 4 && 4 * q + i < w.K; ++i) quad[i] = static_cast<uint8_t>(src[4 * q + i]);
+      store4(dst + q * NR * 4, load4(quad) ^ flip_bits);
+    }
+    for (int64_t b = 0; b < blocks; ++b) scales[b * NR + r] = w.channel_scales()[n];
   }
 }
 
@@ -167,13 +177,6 @@ void tile_portable(float* acc, int MT, const Panel& p, const GemmX& gx, int64_t 
   }
 }
 
-// The 4 int8 inputs at p as one int32.
-inline int32_t quad(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
 #ifdef PHI_FAST_CPU_AVX2
 template <int MT, bool kInt4>
 PHI_FAST_TARGET_AVX2 void tile_avx2(float* acc, const Panel& p, const GemmX& gx, int64_t m0) {
@@ -184,24 +187,27 @@ PHI_FAST_TARGET_AVX2 void tile_avx2(float* acc, const Panel& p, const GemmX& gx,
   for (int m = 0; m < MT; ++m) facc[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* wb = p.bytes + b * kBlock * NR;
-    __m256i iacc[MT];
-    for (int m = 0; m < MT; ++m) iacc[m] = _mm256_set1_epi32(gx.start[(m0 + m) * blocks + b]);
+    __m256i iacc[MT];  // int4: int16 pair sums over the whole block (16 products of <= 15 * 127: 30480 at most)
+    for (int m = 0; m < MT; ++m) {
+      iacc[m] = kInt4 ? _mm256_setzero_si256() : _mm256_set1_epi32(gx.start[(m0 + m) * blocks + b]);
+    }
     for (int j = 0; j < 8; j += 2) {
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * NR * 4));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (j + 1) * NR * 4));
       if constexpr (kInt4) {
         for (int m = 0; m < MT; ++m) {
           const int8_t* xq = gx.q.data() + (m0 + m) * row + b * kBlock + 4 * j;
-          const __m256i x0 = _mm256_set1_epi32(quad(xq)), x1 = _mm256_set1_epi32(quad(xq + 4));
+          const __m256i x0 = _mm256_set1_epi32(static_cast<int>(load4(xq)));
+          const __m256i x1 = _mm256_set1_epi32(static_cast<int>(load4(xq + 4)));
           const __m256i d = _mm256_add_epi16(_mm256_maddubs_epi16(w0, x0), _mm256_maddubs_epi16(w1, x1));
-          iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(d, ones));
+          iacc[m] = _mm256_add_epi16(iacc[m], d);
         }
       } else {
         const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
         for (int m = 0; m < MT; ++m) {
           const int8_t* xq = gx.q.data() + (m0 + m) * row + b * kBlock + 4 * j;
-          const __m256i x0 = _mm256_sign_epi8(_mm256_set1_epi32(quad(xq)), w0);
-          const __m256i x1 = _mm256_sign_epi8(_mm256_set1_epi32(quad(xq + 4)), w1);
+          const __m256i x0 = _mm256_sign_epi8(_mm256_set1_epi32(static_cast<int>(load4(xq))), w0);
+          const __m256i x1 = _mm256_sign_epi8(_mm256_set1_epi32(static_cast<int>(load4(xq + 4))), w1);
           const __m256i d0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, x0), ones);
           const __m256i d1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, x1), ones);
           iacc[m] = _mm256_add_epi32(iacc[m], _mm256_add_epi32(d0, d1));
@@ -210,6 +216,9 @@ PHI_FAST_TARGET_AVX2 void tile_avx2(float* acc, const Panel& p, const GemmX& gx,
     }
     const __m256 ws = _mm256_loadu_ps(p.scales + b * NR);
     for (int m = 0; m < MT; ++m) {
+      if constexpr (kInt4) {
+        iacc[m] = _mm256_add_epi32(_mm256_madd_epi16(iacc[m], ones), _mm256_set1_epi32(gx.start[(m0 + m) * blocks + b]));
+      }
       const __m256 s = _mm256_mul_ps(ws, _mm256_set1_ps(gx.scale[(m0 + m) * blocks + b]));
       facc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m]), s, facc[m]);
     }
@@ -232,7 +241,7 @@ PHI_FAST_TARGET_VNNI void tile_vnni(float* acc, const Panel& p, const GemmX& gx,
     for (int j = 0; j < 8; ++j) {
       const __m512i wv = _mm512_loadu_si512(wb + j * NR * 4);
       for (int m = 0; m < MT; ++m) {
-        const __m512i xv = _mm512_set1_epi32(quad(gx.q.data() + (m0 + m) * row + b * kBlock + 4 * j));
+        const __m512i xv = _mm512_set1_epi32(static_cast<int>(load4(gx.q.data() + (m0 + m) * row + b * kBlock + 4 * j)));
         iacc[m] = _mm512_dpbusd_epi32(iacc[m], wv, xv);
       }
     }
