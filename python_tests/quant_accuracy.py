@@ -5,8 +5,9 @@
     acc.rel_error, acc.top1, greedy_agreement(ref, quant, first_ids, 64)
 
 Teacher forcing runs the token ids through each model's paged cache `chunk` tokens per step: chunk <= 16 takes
-the decode kernels (int8 activations for packed weights), a whole-prompt chunk the prompt path (dequantized
-tiles, no activation rounding). Also runnable at Phi-2's shapes with random weights (the numbers for bench/NOTES.md):
+the decode kernels (int8 activations for packed weights), a whole-prompt chunk the prompt path (the integer GEMM,
+int8 activations too; dequantized tiles without activation rounding on AMX CPUs or with
+PHI_FAST_CPU_DEQUANT_PROMPTS=1). Also runnable at Phi-2's shapes with random weights (the numbers for bench/NOTES.md):
     python python_tests/quant_accuracy.py --hidden 2560 --layers 4 --positions 256
 """
 
