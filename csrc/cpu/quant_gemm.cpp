@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/kernel_utils.h"
+#include "cpu/quant_block.h"
 #include "cpu/quant_linear.h"
 #include "cpu/vec_avx2.h"
 #include "cpu/vec_avx512.h"
@@ -31,7 +32,7 @@
 namespace phi_fast::cpu {
 namespace {
 
-constexpr int64_t kBlock = 32;               // inputs per activation block (as the decode kernels)
+constexpr int64_t kBlock = kActBlock;         // inputs per activation block (as the decode kernels)
 constexpr int64_t kGroupBytes = 128 << 10;  // packed panel bytes a thread keeps in L2 for one sweep over x
 constexpr double kMacsPerNs = 60.0;          // single-core integer MACs, for the thread estimate (rough)
 
@@ -61,9 +62,6 @@ struct GemmX {
   std::vector<int32_t> start;
 };
 
-// Round to nearest, ties to even (torch.round), for |v| < 2^22.
-inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
-
 template <typename T>
 GemmX quantize_x(const T* x, int64_t x_stride, int64_t M, int64_t K, int offset, int num_threads) {
   GemmX gx;
@@ -78,20 +76,10 @@ GemmX quantize_x(const T* x, int64_t x_stride, int64_t M, int64_t K, int offset,
       std::fill(xf.begin(), xf.end(), 0.0f);
       load_row(xf.data(), x + m * x_stride, K);
       for (int64_t b = 0; b < blocks; ++b) {
-        const float* v = xf.data() + b * kBlock;
-        float amax = 0.0f;
-#pragma omp simd reduction(max : amax)
-        for (int i = 0; i < kBlock; ++i) amax = std::fabs(v[i]) > amax ? std::fabs(v[i]) : amax;
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int8_t* q = gx.q.data() + m * row + b * kBlock;
+        gx.scale[m * blocks + b] = quantize_block(xf.data() + b * kBlock, q);
         int32_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int i = 0; i < kBlock; ++i) {
-          const float r = round_even(v[i] * inv);
-          q[i] = static_cast<int8_t>(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
-          sum += q[i];
-        }
-        gx.scale[m * blocks + b] = amax / 127.0f;
+        for (int i = 0; i < kBlock; ++i) sum += q[i];
         gx.start[m * blocks + b] = -offset * sum;
       }
     }

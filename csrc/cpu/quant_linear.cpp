@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu/kernel_utils.h"
+#include "cpu/quant_block.h"
 #include "cpu/vec_avx2.h"
 #include "cpu/vec_avx512.h"
 
@@ -168,9 +169,6 @@ struct QuantX {
   std::vector<float> scale, corr;
 };
 
-// Round to nearest, ties to even (torch.round), for |v| < 2^22: adding 1.5 * 2^23 leaves no fraction bits.
-inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
-
 template <typename T>
 QuantX quantize_x(Isa isa, bool int4, const T* x, int64_t x_stride, int64_t M, int64_t K) {
   QuantX qx;
@@ -187,17 +185,8 @@ QuantX quantize_x(Isa isa, bool int4, const T* x, int64_t x_stride, int64_t M, i
     std::fill(xf.begin(), xf.end(), 0.0f);
     load_row(xf.data(), x + m * x_stride, K);
     for (int64_t u = 0; u < units; ++u) {
-      const float* v = xf.data() + u * kRun;
-      float amax = 0.0f;
-#pragma omp simd reduction(max : amax)
-      for (int i = 0; i < kRun; ++i) amax = std::fabs(v[i]) > amax ? std::fabs(v[i]) : amax;
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f, s = amax / 127.0f;
       int8_t* qb = qx.q.data() + m * row + u * kRun;
-#pragma omp simd
-      for (int i = 0; i < kRun; ++i) {
-        const float r = round_even(v[i] * inv);
-        qb[i] = static_cast<int8_t>(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
-      }
+      const float s = quantize_block(xf.data() + u * kRun, qb);
       float* scale = qx.scale.data() + (m * units + u) * lanes;
       float* corr = qx.corr.data() + (m * units + u) * lanes;
       for (int l = 0; l < lanes; ++l) {
