@@ -558,7 +558,8 @@ void decode_avx2(T* out, const QuantWeight& w, const T* bias, const QuantX& qx, 
 // row): acc += float(dot) * (x block scale * weight group scale) lane by lane (int8: the per-channel scale once at
 // the end). Rows of x come kMt at a time with their kRows x kMt accumulators in registers over the whole of K;
 // more rows of x re-read the block's packed rows (from L1 / L2) and unpack them again. Each unit also prefetches
-// the next block's bytes (prefetch_next_block), and int4's fp16 group scales are widened once per block.
+// the next block's bytes (prefetch_next_block), and int4's fp16 group scales are widened once per block (at decode
+// already multiplied by x's block scales, so the inner loop's float step is one FMA, as int8's).
 
 #define PHI_FAST_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
@@ -577,6 +578,7 @@ struct VnniX {
   std::vector<int8_t> q;
   std::vector<float> scale;
   std::vector<int32_t> start;
+  std::vector<float> block_scale;  // [M, 2 * units]: each block of 32's scale, for folding into int4's scales
 };
 
 // 16 inputs x[k .. k + 16) as fp32, zeros at k + i >= K.
@@ -608,6 +610,7 @@ PHI_FAST_TARGET_VNNI VnniX quantize_x_vnni(bool int4, const T* x, int64_t x_stri
   qx.q.resize(M * units * kUnit);
   qx.scale.resize(M * units * 16);
   qx.start.resize(M * units * 16);
+  qx.block_scale.resize(M * units * 2);
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   const __m512i ones = _mm512_set1_epi8(1);
   // Lanes of block 1 (inputs 32..63): int8 lanes 8-15, int4 lanes 4-7 and 12-15 (lane order above).
@@ -627,6 +630,7 @@ PHI_FAST_TARGET_VNNI VnniX quantize_x_vnni(bool int4, const T* x, int64_t x_stri
         const __m512 a = _mm512_max_ps(_mm512_and_ps(v[2 * b], abs_mask), _mm512_and_ps(v[2 * b + 1], abs_mask));
         const float amax = _mm512_reduce_max_ps(a);
         s[b] = amax / 127.0f;
+        qx.block_scale[index * 2 + b] = s[b];
         const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
         for (int i = 2 * b; i < 2 * b + 2; ++i) {
           _mm_storeu_si128(reinterpret_cast<__m128i*>(q + place[i]), quantize16(v[i], inv));
@@ -643,7 +647,7 @@ PHI_FAST_TARGET_VNNI VnniX quantize_x_vnni(bool int4, const T* x, int64_t x_stri
 
 // MT rows of x (from m0) times the R weight rows n0 .. n0 + R - 1 over all of K: out[m * N + n0 + r] (before the
 // int8 channel scale and the bias) into sums[m * R + r].
-template <int MT, int R, bool kInt4, bool kGroup32>
+template <int MT, int R, bool kInt4, bool kFolded>
 PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t m0,
                                     const float* scales) {
   const int64_t K = w.K, units = qx.units;
@@ -661,79 +665,108 @@ PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n
   constexpr int64_t kUnitBytes = kInt4 ? kUnit / 2 : kUnit;  // packed bytes of one unit of one row
   const int64_t next = R * row_bytes;                          // the next block of rows
   const int64_t far = far_ahead(next);
-  __m512 acc[MT][R];
+  // A accumulators per (row of x, weight row), taken by units in turn: with few rows in the tile one FMA chain
+  // would bound the loop by the FMA latency (a unit's only loop-carried dependency).
+  constexpr int A = MT * R >= 4 ? 1 : 4 / (MT * R);
+  __m512 acc[MT][R][A];
   for (int m = 0; m < MT; ++m) {
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  }
-  for (int64_t u = 0; u < units; ++u) {
-    __m512i wv[R];
-    __m512 ws[R];
-    const bool full = kInt4 ? 2 * u + 2 <= runs : (u + 1) * kUnit <= K;
     for (int r = 0; r < R; ++r) {
-      const uint8_t* p = wrow + r * row_bytes;
-      // A line at a time: the block ~32 KB ahead into L2, the next block into L1 (prefetch_next_block).
-      if (u % (64 / kUnitBytes) == 0) {
-        __builtin_prefetch(p + far + u * kUnitBytes, 0, 2);
-        __builtin_prefetch(p + next + u * kUnitBytes, 0, 3);
-      }
-      if (kInt4 && u % 16 == 0) __builtin_prefetch(next_scales + r * groups + (u * kUnit >> shift), 0, 3);
-      if constexpr (kInt4) {
-        const __m256i packed = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + u * 32))
-                                    : _mm256_maskz_loadu_epi8(0xFFFF, p + u * 32);  // one run left
-        wv[r] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(packed), nibble_shift), low);
-        const float* s = scales + r * groups;
-        if constexpr (kGroup32) {  // the unit's two scales (one 8-byte load), one per run's lanes
+      for (int a = 0; a < A; ++a) acc[m][r][a] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t u0 = 0; u0 < units; u0 += A) {
+#pragma GCC unroll 4
+    for (int a = 0; a < A && u0 + a < units; ++a) {
+      const int64_t u = u0 + a;
+      __m512i wv[R];
+      __m512 ws[R];
+      const bool full = kInt4 ? 2 * u + 2 <= runs : (u + 1) * kUnit <= K;
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = wrow + r * row_bytes;
+        // A line at a time: the block ~32 KB ahead into L2, the next block into L1 (prefetch_next_block).
+        if (u % (64 / kUnitBytes) == 0) {
+          __builtin_prefetch(p + far + u * kUnitBytes, 0, 2);
+          __builtin_prefetch(p + next + u * kUnitBytes, 0, 3);
+        }
+        if (kInt4 && u % 16 == 0) __builtin_prefetch(next_scales + r * groups + (u * kUnit >> shift), 0, 3);
+        if constexpr (kInt4) {
+          const __m256i packed = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + u * 32))
+                                      : _mm256_maskz_loadu_epi8(0xFFFF, p + u * 32);  // one run left
+          wv[r] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(packed), nibble_shift), low);
+          const float* s = scales + r * 2 * units;  // the unit's two run scales, one per run's lanes
           ws[r] = full ? _mm512_permutexvar_ps(pair, _mm512_castpd_ps(_mm512_castpd128_pd512(
                                                          _mm_load_sd(reinterpret_cast<const double*>(s + 2 * u)))))
                        : _mm512_set1_ps(s[2 * u]);
         } else {
-          ws[r] = _mm512_set1_ps(s[(u * kUnit) >> shift]);
+          const __mmask64 mask = full ? ~__mmask64{0} : (__mmask64{1} << (K - u * kUnit)) - 1;
+          wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p + u * kUnit), flip);
+          ws[r] = _mm512_setzero_ps();  // unused
         }
-      } else {
-        const __mmask64 mask = full ? ~__mmask64{0} : (__mmask64{1} << (K - u * kUnit)) - 1;
-        wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p + u * kUnit), flip);
-        ws[r] = _mm512_setzero_ps();  // unused
       }
-    }
-    for (int m = 0; m < MT; ++m) {
-      const int64_t index = (m0 + m) * units + u;
-      const __m512i xq = _mm512_loadu_si512(qx.q.data() + index * kUnit);
-      const __m512 xs = _mm512_loadu_ps(qx.scale.data() + index * 16);
-      const __m512i start = _mm512_loadu_si512(qx.start.data() + index * 16);
-      for (int r = 0; r < R; ++r) {
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xq));
-        acc[m][r] = _mm512_fmadd_ps(dot, kInt4 ? _mm512_mul_ps(xs, ws[r]) : xs, acc[m][r]);
+      for (int m = 0; m < MT; ++m) {
+        const int64_t index = (m0 + m) * units + u;
+        const __m512i xq = _mm512_loadu_si512(qx.q.data() + index * kUnit);
+        const __m512 xs = _mm512_loadu_ps(qx.scale.data() + index * 16);
+        const __m512i start = _mm512_loadu_si512(qx.start.data() + index * 16);
+        for (int r = 0; r < R; ++r) {
+          const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xq));
+          const __m512 scale = !kInt4 ? xs : (kFolded ? ws[r] : _mm512_mul_ps(xs, ws[r]));
+          acc[m][r][a] = _mm512_fmadd_ps(dot, scale, acc[m][r][a]);
+        }
       }
     }
   }
   for (int m = 0; m < MT; ++m) {
-    for (int r = 0; r < R; ++r) sums[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
+    for (int r = 0; r < R; ++r) {
+      __m512 total = acc[m][r][0];
+      for (int a = 1; a < A; ++a) total = _mm512_add_ps(total, acc[m][r][a]);
+      sums[m * R + r] = _mm512_reduce_add_ps(total);
+    }
   }
 }
 
-// Weight rows n0 .. n0 + R - 1 times every row of x. int4: the rows' fp16 group scales are widened to fp32 into
-// scratch ([R, groups]) once per block, 16 at a time, so the inner loop takes them with one load and a permute.
-template <int R, bool kInt4, bool kGroup32>
+// Weight rows n0 .. n0 + R - 1 times every row of x. int4: the rows' fp16 group scales are widened to fp32 once
+// per block into scratch, one per run of 32 inputs ([R, 2 * units]), so the inner loop takes a unit's two with one
+// load and a permute; with one row of x (decode) each is multiplied by x's scale of the same block there too,
+// which takes a multiply per unit and row out of the inner loop.
+template <int R, bool kInt4>
 PHI_FAST_TARGET_VNNI void rows_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M,
                                     float* scratch) {
+  const bool folded = M == 1;
   if constexpr (kInt4) {
-    const int64_t count = R * (round_up(w.K, w.group_size) / w.group_size);
-    const uint16_t* src = w.group_scales() + n0 * (count / R);
-    for (int64_t i = 0; i < count; i += 16) {
-      const __mmask16 mask = count - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - i)) - 1);
-      _mm512_mask_storeu_ps(scratch + i, mask, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src + i)));
+    const int64_t groups = round_up(w.K, w.group_size) / w.group_size, runs = 2 * qx.units;
+    const int64_t runs_per_group = w.group_size / kRun;
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* src = w.group_scales() + (n0 + r) * groups;
+      float* dst = scratch + r * runs;
+      if (runs_per_group == 1) {
+        for (int64_t i = 0; i < runs; i += 16) {  // runs past K (x's zero padding) take scale 0
+          const int64_t left = std::min<int64_t>(groups - i, 16);
+          const __mmask16 mask = left >= 16 ? 0xFFFF : (left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1));
+          const __mmask16 row_mask = runs - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (runs - i)) - 1);
+          __m512 v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src + (left > 0 ? i : 0)));
+          if (folded) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(row_mask, qx.block_scale.data() + i));
+          _mm512_mask_storeu_ps(dst + i, row_mask, v);
+        }
+      } else {
+        for (int64_t i = 0; i < runs; ++i) {
+          const int64_t g = i / runs_per_group;
+          const float v = g < groups ? _cvtsh_ss(src[g]) : 0.0f;
+          dst[i] = folded ? v * qx.block_scale[i] : v;
+        }
+      }
     }
   }
+  if (folded) return tile_vnni<1, R, kInt4, true>(sums, w, n0, qx, 0, scratch);
   int64_t m = 0;
-  for (; m + kMt <= M; m += kMt) tile_vnni<kMt, R, kInt4, kGroup32>(sums + m * R, w, n0, qx, m, scratch);
-  if (m < M) tile_vnni<1, R, kInt4, kGroup32>(sums + m * R, w, n0, qx, m, scratch);
+  for (; m + kMt <= M; m += kMt) tile_vnni<kMt, R, kInt4, false>(sums + m * R, w, n0, qx, m, scratch);
+  if (m < M) tile_vnni<1, R, kInt4, false>(sums + m * R, w, n0, qx, m, scratch);
 }
 
 template <int R>
 void rows_vnni_any(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M, float* scratch) {
-  if (w.format == QuantFormat::int8) return rows_vnni<R, false, false>(sums, w, n0, qx, M, scratch);
-  if (w.group_size == 32) return rows_vnni<R, true, true>(sums, w, n0, qx, M, scratch);
-  rows_vnni<R, true, false>(sums, w, n0, qx, M, scratch);
+  if (w.format == QuantFormat::int8) return rows_vnni<R, false>(sums, w, n0, qx, M, scratch);
+  rows_vnni<R, true>(sums, w, n0, qx, M, scratch);
 }
 
 template <typename T>
@@ -743,8 +776,7 @@ void quant_linear_vnni(T* out, const T* x, int64_t x_stride, const QuantWeight& 
   const int64_t blocks = (w.N + kRows - 1) / kRows;
   parallel_rows(blocks, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
     std::vector<float> sums(M * kRows);
-    const int64_t groups = w.format == QuantFormat::int4 ? round_up(w.K, w.group_size) / w.group_size : 0;
-    std::vector<float> scales(kRows * groups);  // int4: rows_vnni's fp32 group scales of one block
+    std::vector<float> scales(kRows * 2 * qx.units);  // int4: rows_vnni's fp32 run scales of one block
     const int64_t end = std::min(block_end * kRows, w.N);
     for (int64_t n0 = block_begin * kRows; n0 < end;) {
       const int64_t rows = n0 + kRows <= end ? kRows : 1;
