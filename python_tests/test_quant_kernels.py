@@ -188,10 +188,10 @@ def test_quant_linear_odd_sizes(cfg, dtype, k, n):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_unit_tails_and_uneven_scales(cfg, dtype):
-    """K around the VNNI kernel's 64-input units (a last unit holding one int4 run, int8 tails of 1..63 bytes), N
+    """K around the VNNI kernel's units (int8: 64 inputs, tails of 1..63 bytes; int4: 128, a last unit holding 1..3 runs), N
     around its 4-row blocks, M = 1, 2, 3. Every block of 32 inputs of x and every weight group sits at its own
     magnitude (factors 1/4 .. 4), so a block or group scale applied to another block's lanes shows."""
-    for k in (31, 32, 63, 64, 65, 96, 97, 160, 191):
+    for k in (31, 32, 63, 64, 65, 96, 97, 127, 128, 129, 160, 191, 224, 225, 257):
         weight_level = 2.0 ** (torch.arange(k) // 32 % 5 - 2).float()
         x_level = 2.0 ** -(torch.arange(k) // 32 % 3).float()
         for n in (1, 4, 7):

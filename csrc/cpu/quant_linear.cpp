@@ -45,6 +45,23 @@ inline int64_t far_ahead(int64_t block_bytes) {
   return std::max<int64_t>(1, (kPrefetchFarBytes + block_bytes - 1) / block_bytes) * block_bytes;
 }
 
+// The L1 prefetches reach kPrefetchNearBytes of the weight's traffic ahead: the next block of rows, or, where a
+// block is longer (K = 10240: 20 KB of int4, 40 KB of int8, which evicted L1's lines before their use and ran
+// fc2 ~25% below fc1), the same distance further along each row's stream, continued into the next block.
+constexpr int64_t kPrefetchNearBytes = 8 << 10;
+
+// Where a block's rows stream to for the L1 prefetch: the distance along each row, and the jump from the end of a
+// row to the same row of the next block (rows rows of row_bytes).
+struct NearAhead {
+  int64_t along, wrap;
+  NearAhead(int64_t rows, int64_t row_bytes)
+      : along(std::min(row_bytes, kPrefetchNearBytes / rows)), wrap((rows - 1) * row_bytes) {}
+  // The address `along` on from offset o of the row at p (p: the row's byte o).
+  const char* operator()(const void* p, int64_t o, int64_t row_bytes) const {
+    return static_cast<const char*>(p) + along + (o + along >= row_bytes ? wrap : 0);
+  }
+};
+
 // out[m, n] from a row's integer-kernel total: the int8 channel scale, the bias, the dtype.
 template <typename T>
 inline void write_out(T* out, const QuantWeight& w, const T* bias, int64_t m, int64_t n, float sum) {
@@ -391,6 +408,7 @@ template <int R>
 PHI_FAST_TARGET_AVX2 void row_int8_avx2(float* sums, const QuantWeight& w, int64_t n0, const QuantX& qx) {
   const int64_t K = w.K, full_units = K / kRun;
   const int64_t far = far_ahead(R * K);
+  const NearAhead near(R, K);
   const int8_t* wrow = static_cast<const int8_t*>(w.data) + n0 * K;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -398,7 +416,7 @@ PHI_FAST_TARGET_AVX2 void row_int8_avx2(float* sums, const QuantWeight& w, int64
     if (u % 2 == 0) {
       for (int r = 0; r < R; ++r) {
         __builtin_prefetch(wrow + r * K + u * kRun + far, 0, 2);
-        __builtin_prefetch(wrow + r * K + u * kRun + R * K, 0, 3);
+        __builtin_prefetch(near(wrow + r * K + u * kRun, u * kRun, K), 0, 3);
       }
     }
     int8_unit<R>(acc, wrow + u * kRun, K, qx, u);
@@ -473,6 +491,7 @@ PHI_FAST_TARGET_AVX2 void row_int4_avx2(float* sums, const QuantWeight& w, int64
   const int64_t runs = kp / kRun, pairs = px.pairs;
   const int shift = __builtin_ctzll(static_cast<uint64_t>(w.group_size));
   const int64_t far = far_ahead(R * row_bytes);
+  const NearAhead near(R, row_bytes);
   const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
   const uint16_t* srow = w.group_scales() + n0 * groups;
   int64_t i = 0;
@@ -490,7 +509,7 @@ PHI_FAST_TARGET_AVX2 void row_int4_avx2(float* sums, const QuantWeight& w, int64
     const uint8_t* b = wrow + p * 32;
     for (int r = 0; r < R; ++r) {
       __builtin_prefetch(b + r * row_bytes + far, 0, 2);
-      __builtin_prefetch(b + r * row_bytes + R * row_bytes, 0, 3);
+      __builtin_prefetch(near(b + r * row_bytes, p * 32, row_bytes), 0, 3);
       const float* s = scales + r * groups;
       if constexpr (kGroup32) {  // the two pairs' four scales
         const __m256 four = _mm256_castps128_ps256(_mm_loadu_ps(s + 2 * p));
@@ -549,17 +568,20 @@ void decode_avx2(T* out, const QuantWeight& w, const T* bias, const QuantX& qx, 
 #ifdef PHI_FAST_CPU_AVX512
 // ---- integer kernels, AVX512-VNNI: weights unpacked in registers ----
 //
-// A unit is 64 inputs: one zmm of weight bytes, one dpbusd (u8 x s8, 4 products summed per int32 lane). Weights
-// are the u8 operand: int8 as w ^ 0x80 = w + 128, int4 as the stored nibbles q + 8, unpacked from one 32-byte
-// load of two runs r0, r1 (low nibbles, then high: lane order [r0 low, r1 low, r0 high, r1 high], i.e. inputs
-// [0..15, 32..47, 16..31, 48..63] of the unit). x (VnniX) holds its int8 per unit in the same lane order, and the
-// weights' offset is cancelled in int32 by starting each dpbusd at -offset * (sum of the lane's 4 qx), so the
-// integer sums are exact and x alone pays for the offset. Per unit and row of x, one float step per (weight
-// row): acc += float(dot) * (x block scale * weight group scale) lane by lane (int8: the per-channel scale once at
-// the end). Rows of x come kMt at a time with their kRows x kMt accumulators in registers over the whole of K;
-// more rows of x re-read the block's packed rows (from L1 / L2) and unpack them again. Each unit also prefetches
-// the next block's bytes (prefetch_next_block), and int4's fp16 group scales are widened once per block (at decode
-// already multiplied by x's block scales, so the inner loop's float step is one FMA, as int8's).
+// dpbusd multiplies u8 x s8 and sums 4 products per int32 lane. Weights are the u8 operand: int8 as w ^ 0x80 =
+// w + 128, int4 as the stored nibbles q + 8; the offset is cancelled in int32 by starting each lane's sum at
+// -offset * (sum of the lane's qx), so the integer sums are exact and x alone pays for the offset. A unit is what
+// one step of the inner loop takes of each weight row: int8 64 inputs (one zmm of weight bytes, one dpbusd); int4
+// 128 inputs, one 64-byte load of four runs r0..r3 split into its low and its high nibbles, two zmm whose 128-bit
+// lane j holds run rj's inputs 0..15, resp. 16..31; both go through dpbusd into the same int32 lanes, so a lane
+// sums 8 products of one run and the float step covers 128 inputs (half the unpacking, conversions and FMAs of
+// 64-input units; bench/NOTES.md, quantized decode v5). x (VnniX) holds its int8 per unit in the same lane order.
+// Per unit and row of x, one float step per weight row: acc += float(dot) * (x block scale * weight group scale)
+// lane by lane (int8: the per-channel scale once at the end). Rows of x come kMt at a time with their kRows x kMt
+// accumulators in registers over the whole of K; more rows of x re-read the block's packed rows (from L1 / L2)
+// and unpack them again. Each unit also prefetches a line of each row ahead (far_ahead, NearAhead), and int4's fp16
+// group scales are widened once per block (at decode already multiplied by x's block scales, so the inner loop's
+// float step is one FMA, as int8's).
 
 #define PHI_FAST_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
@@ -568,17 +590,19 @@ bool vnni_enabled() {
   return use;
 }
 
-constexpr int64_t kUnit = 64;
-constexpr int kMt = 2;  // rows of x per register tile
+constexpr int64_t kUnit8 = 64, kUnit4 = 128;  // inputs per unit
+constexpr int kMt = 2;                         // rows of x per register tile
 
-// x quantized for the VNNI kernels: per row m and unit u (index m * units + u) 64 int8 in lane order (zeros past
-// K), 16 lane scales (the lane's block scale max|x| / 127) and 16 int32 dpbusd starts (-offset * lane sum).
+// x quantized for the VNNI kernels: per row m and unit u (index m * units + u) the unit's int8 in lane order
+// (zeros past K), 16 lane scales (the lane's block scale max|x| / 127) and 16 int32 dpbusd starts
+// (-offset * lane sum).
 struct VnniX {
-  int64_t units = 0;
-  std::vector<int8_t> q;
-  std::vector<float> scale;
-  std::vector<int32_t> start;
-  std::vector<float> block_scale;  // [M, 2 * units]: each block of 32's scale, for folding into int4's scales
+  int64_t unit = 0, units = 0;     // inputs per unit, units per row
+  std::vector<int8_t> q;           // [M, units, unit]
+  std::vector<float> scale;        // [M, units, 16]
+  std::vector<int32_t> start;      // [M, units, 16]
+  std::vector<float> block_scale;  // [M, runs()]: each block of 32's scale, for folding into int4's scales
+  int64_t runs() const { return units * unit / kRun; }
 };
 
 // 16 inputs x[k .. k + 16) as fp32, zeros at k + i >= K.
@@ -605,117 +629,54 @@ PHI_FAST_TARGET_VNNI inline __m128i quantize16(__m512 v, __m512 inv) {
 template <typename T>
 PHI_FAST_TARGET_VNNI VnniX quantize_x_vnni(bool int4, const T* x, int64_t x_stride, int64_t M, int64_t K) {
   VnniX qx;
-  qx.units = (K + kUnit - 1) / kUnit;
-  const int64_t units = qx.units;
-  qx.q.resize(M * units * kUnit);
+  qx.unit = int4 ? kUnit4 : kUnit8;
+  qx.units = (K + qx.unit - 1) / qx.unit;
+  const int64_t unit = qx.unit, units = qx.units;
+  const int blocks = static_cast<int>(unit / kRun);  // blocks of 32 per unit: 2 (int8) or 4 (int4)
+  const int block_lanes = 16 / blocks;               // int32 lanes of one block: 8, or one 128-bit lane
+  qx.q.resize(M * units * unit);
   qx.scale.resize(M * units * 16);
   qx.start.resize(M * units * 16);
-  qx.block_scale.resize(M * units * 2);
+  qx.block_scale.resize(M * units * blocks);
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   const __m512i ones = _mm512_set1_epi8(1);
-  // Lanes of block 1 (inputs 32..63): int8 lanes 8-15, int4 lanes 4-7 and 12-15 (lane order above).
-  const __mmask16 second = int4 ? 0xF0F0 : 0xFF00;
   const __m512i neg_offset = _mm512_set1_epi32(int4 ? -8 : -128);
-  // Where the four 16-input pieces go in the unit's 64 bytes: int4 swaps the middle two.
-  const int place[4] = {0, int4 ? 32 : 16, int4 ? 16 : 32, 48};
   for (int64_t m = 0; m < M; ++m) {
     const T* row = x + m * x_stride;
     for (int64_t u = 0; u < units; ++u) {
-      const int64_t k = u * kUnit, index = m * units + u;
-      __m512 v[4];
-      for (int i = 0; i < 4; ++i) v[i] = load16(row, k + 16 * i, K);
-      float s[2];
-      int8_t* q = qx.q.data() + index * kUnit;
-      for (int b = 0; b < 2; ++b) {
-        const __m512 a = _mm512_max_ps(_mm512_and_ps(v[2 * b], abs_mask), _mm512_and_ps(v[2 * b + 1], abs_mask));
-        const float amax = _mm512_reduce_max_ps(a);
-        s[b] = amax / 127.0f;
-        qx.block_scale[index * 2 + b] = s[b];
+      const int64_t index = m * units + u;
+      int8_t* q = qx.q.data() + index * unit;
+      alignas(64) float lane_scale[16];
+      for (int b = 0; b < blocks; ++b) {
+        const int64_t k = u * unit + b * kRun;
+        const __m512 v0 = load16(row, k, K), v1 = load16(row, k + 16, K);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, abs_mask), _mm512_and_ps(v1, abs_mask)));
+        const float s = amax / 127.0f;
+        qx.block_scale[index * blocks + b] = s;
         const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-        for (int i = 2 * b; i < 2 * b + 2; ++i) {
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + place[i]), quantize16(v[i], inv));
-        }
+        // int8: the block's 32 bytes in order; int4: its halves into lane b of the low, resp. high nibbles' zmm.
+        int8_t* first = q + (int4 ? 16 * b : 32 * b);
+        int8_t* second = int4 ? first + 64 : first + 16;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(first), quantize16(v0, inv));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(second), quantize16(v1, inv));
+        for (int l = 0; l < block_lanes; ++l) lane_scale[b * block_lanes + l] = s;
       }
-      const __m512 scale = _mm512_mask_blend_ps(second, _mm512_set1_ps(s[0]), _mm512_set1_ps(s[1]));
-      _mm512_storeu_ps(qx.scale.data() + index * 16, scale);
-      const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(q));
+      _mm512_storeu_ps(qx.scale.data() + index * 16, _mm512_load_ps(lane_scale));
+      __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(q));
+      if (int4) sums = _mm512_dpbusd_epi32(sums, ones, _mm512_loadu_si512(q + 64));
       _mm512_storeu_si512(qx.start.data() + index * 16, _mm512_mullo_epi32(sums, neg_offset));
     }
   }
   return qx;
 }
 
-// MT rows of x (from m0) times the R weight rows n0 .. n0 + R - 1 over all of K: out[m * N + n0 + r] (before the
-// int8 channel scale and the bias) into sums[m * R + r].
-template <int MT, int R, bool kInt4, bool kFolded>
-PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t m0,
-                                    const float* scales) {
-  const int64_t K = w.K, units = qx.units;
-  const int64_t kp = kInt4 ? round_up(K, w.group_size) : K;
-  const int64_t row_bytes = kInt4 ? kp / 2 : K, groups = kInt4 ? kp / w.group_size : 1;
-  const int shift = kInt4 ? __builtin_ctzll(static_cast<uint64_t>(w.group_size)) : 0;
-  const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
-  const uint16_t* next_scales = kInt4 ? w.group_scales() + (n0 + R) * groups : nullptr;  // for the prefetch
-  // int4: the two runs' nibbles, low half shifted by 0, high half by 4; lanes 0-3 / 8-11 take the first run's
-  // group scale, 4-7 / 12-15 the second's.
-  const __m512i nibble_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-  const int64_t runs = (K + kRun - 1) / kRun;  // int4 runs holding inputs < K (the last unit may hold one)
-  constexpr int64_t kUnitBytes = kInt4 ? kUnit / 2 : kUnit;  // packed bytes of one unit of one row
-  const int64_t next = R * row_bytes;                          // the next block of rows
-  const int64_t far = far_ahead(next);
-  // A accumulators per (row of x, weight row), taken by units in turn: with few rows in the tile one FMA chain
-  // would bound the loop by the FMA latency (a unit's only loop-carried dependency).
-  constexpr int A = MT * R >= 4 ? 1 : 4 / (MT * R);
-  __m512 acc[MT][R][A];
-  for (int m = 0; m < MT; ++m) {
-    for (int r = 0; r < R; ++r) {
-      for (int a = 0; a < A; ++a) acc[m][r][a] = _mm512_setzero_ps();
-    }
-  }
-  for (int64_t u0 = 0; u0 < units; u0 += A) {
-#pragma GCC unroll 4
-    for (int a = 0; a < A && u0 + a < units; ++a) {
-      const int64_t u = u0 + a;
-      __m512i wv[R];
-      __m512 ws[R];
-      const bool full = kInt4 ? 2 * u + 2 <= runs : (u + 1) * kUnit <= K;
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* p = wrow + r * row_bytes;
-        // A line at a time: the block ~32 KB ahead into L2, the next block into L1 (prefetch_next_block).
-        if (u % (64 / kUnitBytes) == 0) {
-          __builtin_prefetch(p + far + u * kUnitBytes, 0, 2);
-          __builtin_prefetch(p + next + u * kUnitBytes, 0, 3);
-        }
-        if (kInt4 && u % 16 == 0) __builtin_prefetch(next_scales + r * groups + (u * kUnit >> shift), 0, 3);
-        if constexpr (kInt4) {
-          const __m256i packed = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + u * 32))
-                                      : _mm256_maskz_loadu_epi8(0xFFFF, p + u * 32);  // one run left
-          wv[r] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(packed), nibble_shift), low);
-          const float* s = scales + r * 2 * units;  // the unit's two run scales, one per run's lanes
-          ws[r] = full ? _mm512_permutexvar_ps(pair, _mm512_castpd_ps(_mm512_castpd128_pd512(
-                                                         _mm_load_sd(reinterpret_cast<const double*>(s + 2 * u)))))
-                       : _mm512_set1_ps(s[2 * u]);
-        } else {
-          const __mmask64 mask = full ? ~__mmask64{0} : (__mmask64{1} << (K - u * kUnit)) - 1;
-          wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p + u * kUnit), flip);
-          ws[r] = _mm512_setzero_ps();  // unused
-        }
-      }
-      for (int m = 0; m < MT; ++m) {
-        const int64_t index = (m0 + m) * units + u;
-        const __m512i xq = _mm512_loadu_si512(qx.q.data() + index * kUnit);
-        const __m512 xs = _mm512_loadu_ps(qx.scale.data() + index * 16);
-        const __m512i start = _mm512_loadu_si512(qx.start.data() + index * 16);
-        for (int r = 0; r < R; ++r) {
-          const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xq));
-          const __m512 scale = !kInt4 ? xs : (kFolded ? ws[r] : _mm512_mul_ps(xs, ws[r]));
-          acc[m][r][a] = _mm512_fmadd_ps(dot, scale, acc[m][r][a]);
-        }
-      }
-    }
-  }
+// A accumulators per (row of x, weight row), taken by units in turn: with few rows in a tile one FMA chain would
+// bound the loop by the FMA latency (a unit's only loop-carried dependency).
+template <int MT, int R>
+constexpr int kChains = MT * R >= 4 ? 1 : 4 / (MT * R);
+
+template <int MT, int R, int A>
+PHI_FAST_TARGET_VNNI inline void reduce_tile(float* sums, __m512 (&acc)[MT][R][A]) {
   for (int m = 0; m < MT; ++m) {
     for (int r = 0; r < R; ++r) {
       __m512 total = acc[m][r][0];
@@ -725,65 +686,161 @@ PHI_FAST_TARGET_VNNI void tile_vnni(float* sums, const QuantWeight& w, int64_t n
   }
 }
 
-// Weight rows n0 .. n0 + R - 1 times every row of x. int4: the rows' fp16 group scales are widened to fp32 once
-// per block into scratch, one per run of 32 inputs ([R, 2 * units]), so the inner loop takes a unit's two with one
-// load and a permute; with one row of x (decode) each is multiplied by x's scale of the same block there too,
-// which takes a multiply per unit and row out of the inner loop.
-template <int R, bool kInt4>
-PHI_FAST_TARGET_VNNI void rows_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M,
-                                    float* scratch) {
-  const bool folded = M == 1;
-  if constexpr (kInt4) {
-    const int64_t groups = round_up(w.K, w.group_size) / w.group_size, runs = 2 * qx.units;
-    const int64_t runs_per_group = w.group_size / kRun;
-    for (int r = 0; r < R; ++r) {
-      const uint16_t* src = w.group_scales() + (n0 + r) * groups;
-      float* dst = scratch + r * runs;
-      if (runs_per_group == 1) {
-        for (int64_t i = 0; i < runs; i += 16) {  // runs past K (x's zero padding) take scale 0
-          const int64_t left = std::min<int64_t>(groups - i, 16);
-          const __mmask16 mask = left >= 16 ? 0xFFFF : (left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1));
-          const __mmask16 row_mask = runs - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (runs - i)) - 1);
-          __m512 v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src + (left > 0 ? i : 0)));
-          if (folded) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(row_mask, qx.block_scale.data() + i));
-          _mm512_mask_storeu_ps(dst + i, row_mask, v);
-        }
-      } else {
-        for (int64_t i = 0; i < runs; ++i) {
-          const int64_t g = i / runs_per_group;
-          const float v = g < groups ? _cvtsh_ss(src[g]) : 0.0f;
-          dst[i] = folded ? v * qx.block_scale[i] : v;
+// MT rows of x (from m0) times the int8 weight rows n0 .. n0 + R - 1 over all of K: out[m * N + n0 + r] before
+// the channel scale and the bias into sums[m * R + r].
+template <int MT, int R>
+PHI_FAST_TARGET_VNNI void tile_vnni_int8(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t m0) {
+  const int64_t K = w.K, units = qx.units;
+  const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * K;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t far = far_ahead(R * K);
+  const NearAhead near(R, K);
+  constexpr int A = kChains<MT, R>;
+  __m512 acc[MT][R][A];
+  for (auto& per_m : acc) {
+    for (auto& per_r : per_m) {
+      for (auto& a : per_r) a = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t u0 = 0; u0 < units; u0 += A) {
+#pragma GCC unroll 4
+    for (int a = 0; a < A && u0 + a < units; ++a) {
+      const int64_t u = u0 + a;
+      const __mmask64 mask = (u + 1) * kUnit8 <= K ? ~__mmask64{0} : (__mmask64{1} << (K - u * kUnit8)) - 1;
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = wrow + r * K + u * kUnit8;
+        // A line at a time: ~32 KB ahead into L2, ~8 KB ahead into L1 (NearAhead).
+        __builtin_prefetch(p + far, 0, 2);
+        __builtin_prefetch(near(p, u * kUnit8, K), 0, 3);
+        wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p), flip);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const int64_t index = (m0 + m) * units + u;
+        const __m512i xq = _mm512_loadu_si512(qx.q.data() + index * kUnit8);
+        const __m512 xs = _mm512_loadu_ps(qx.scale.data() + index * 16);
+        const __m512i start = _mm512_loadu_si512(qx.start.data() + index * 16);
+        for (int r = 0; r < R; ++r) {
+          acc[m][r][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xq)), xs, acc[m][r][a]);
         }
       }
     }
   }
-  if (folded) return tile_vnni<1, R, kInt4, true>(sums, w, n0, qx, 0, scratch);
-  int64_t m = 0;
-  for (; m + kMt <= M; m += kMt) tile_vnni<kMt, R, kInt4, false>(sums + m * R, w, n0, qx, m, scratch);
-  if (m < M) tile_vnni<1, R, kInt4, false>(sums + m * R, w, n0, qx, m, scratch);
+  reduce_tile(sums, acc);
 }
 
+// The same for int4 weight rows; scales: the block's fp32 run scales [R, runs] (kFolded: times x's block scales).
+template <int MT, int R, bool kFolded>
+PHI_FAST_TARGET_VNNI void tile_vnni_int4(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t m0,
+                                         const float* scales) {
+  const int64_t units = qx.units, runs = qx.runs();
+  const int64_t kp = round_up(w.K, w.group_size), row_bytes = kp / 2, groups = kp / w.group_size;
+  const int shift = __builtin_ctzll(static_cast<uint64_t>(w.group_size));
+  const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
+  const uint16_t* next_scales = w.group_scales() + (n0 + R) * groups;  // for the prefetch
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // run j to lane j
+  const int64_t far = far_ahead(R * row_bytes);
+  const NearAhead near(R, row_bytes);
+  constexpr int64_t kUnitBytes = kUnit4 / 2;  // one cache line of each row
+  constexpr int A = kChains<MT, R>;
+  __m512 acc[MT][R][A];
+  for (auto& per_m : acc) {
+    for (auto& per_r : per_m) {
+      for (auto& a : per_r) a = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t u0 = 0; u0 < units; u0 += A) {
+#pragma GCC unroll 4
+    for (int a = 0; a < A && u0 + a < units; ++a) {
+      const int64_t u = u0 + a;
+      const int64_t left = row_bytes - u * kUnitBytes;  // the row's bytes from this unit on: 16..48 in a last one
+      const __mmask64 mask = left >= kUnitBytes ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+      __m512i lo[R], hi[R];
+      __m512 ws[R];
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = wrow + r * row_bytes + u * kUnitBytes;
+        __builtin_prefetch(p + far, 0, 2);
+        __builtin_prefetch(near(p, u * kUnitBytes, row_bytes), 0, 3);
+        if (u % 8 == 0) __builtin_prefetch(next_scales + r * groups + (u * kUnit4 >> shift), 0, 3);
+        const __m512i v = _mm512_maskz_loadu_epi8(mask, p);
+        lo[r] = _mm512_and_si512(v, low);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        ws[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(scales + r * runs + 4 * u)));
+      }
+      for (int m = 0; m < MT; ++m) {
+        const int64_t index = (m0 + m) * units + u;
+        const int8_t* xq = qx.q.data() + index * kUnit4;
+        const __m512i xlo = _mm512_loadu_si512(xq), xhi = _mm512_loadu_si512(xq + 64);
+        const __m512i start = _mm512_loadu_si512(qx.start.data() + index * 16);
+        for (int r = 0; r < R; ++r) {
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo[r], xlo), hi[r], xhi);
+          const __m512 scale = kFolded ? ws[r] : _mm512_mul_ps(_mm512_loadu_ps(qx.scale.data() + index * 16), ws[r]);
+          acc[m][r][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[m][r][a]);
+        }
+      }
+    }
+  }
+  reduce_tile(sums, acc);
+}
+
+// Weight rows n0 .. n0 + R - 1 times every row of x. int4: the rows' fp16 group scales are widened to fp32 once
+// per block into scratch, one per run of 32 inputs ([R, runs]), so the inner loop takes a unit's four with one
+// load and a permute; with one row of x (decode) each is multiplied by x's scale of the same block there too,
+// which takes a multiply per unit and row out of the inner loop.
 template <int R>
-void rows_vnni_any(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M, float* scratch) {
-  if (w.format == QuantFormat::int8) return rows_vnni<R, false>(sums, w, n0, qx, M, scratch);
-  rows_vnni<R, true>(sums, w, n0, qx, M, scratch);
+PHI_FAST_TARGET_VNNI void rows_vnni(float* sums, const QuantWeight& w, int64_t n0, const VnniX& qx, int64_t M,
+                                    float* scratch) {
+  int64_t m = 0;
+  if (w.format == QuantFormat::int8) {
+    for (; m + kMt <= M; m += kMt) tile_vnni_int8<kMt, R>(sums + m * R, w, n0, qx, m);
+    if (m < M) tile_vnni_int8<1, R>(sums + m * R, w, n0, qx, m);
+    return;
+  }
+  const bool folded = M == 1;
+  const int64_t groups = round_up(w.K, w.group_size) / w.group_size, runs = qx.runs();
+  const int64_t runs_per_group = w.group_size / kRun;
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* src = w.group_scales() + (n0 + r) * groups;
+    float* dst = scratch + r * runs;
+    if (runs_per_group == 1) {
+      for (int64_t i = 0; i < runs; i += 16) {  // runs past K (x's zero padding) take scale 0
+        const int64_t left = std::min<int64_t>(groups - i, 16);
+        const __mmask16 mask = left >= 16 ? 0xFFFF : (left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1));
+        const __mmask16 row_mask = runs - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (runs - i)) - 1);
+        __m512 v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src + (left > 0 ? i : 0)));
+        if (folded) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(row_mask, qx.block_scale.data() + i));
+        _mm512_mask_storeu_ps(dst + i, row_mask, v);
+      }
+    } else {
+      for (int64_t i = 0; i < runs; ++i) {
+        const int64_t g = i / runs_per_group;
+        const float v = g < groups ? _cvtsh_ss(src[g]) : 0.0f;
+        dst[i] = folded ? v * qx.block_scale[i] : v;
+      }
+    }
+  }
+  if (folded) return tile_vnni_int4<1, R, true>(sums, w, n0, qx, 0, scratch);
+  for (; m + kMt <= M; m += kMt) tile_vnni_int4<kMt, R, false>(sums + m * R, w, n0, qx, m, scratch);
+  if (m < M) tile_vnni_int4<1, R, false>(sums + m * R, w, n0, qx, m, scratch);
 }
 
 template <typename T>
 void quant_linear_vnni(T* out, const T* x, int64_t x_stride, const QuantWeight& w, const T* bias, int64_t M,
                        double work_ns, int num_threads) {
-  const VnniX qx = quantize_x_vnni(w.format == QuantFormat::int4, x, x_stride, M, w.K);
+  const bool int4 = w.format == QuantFormat::int4;
+  const VnniX qx = quantize_x_vnni(int4, x, x_stride, M, w.K);
   const int64_t blocks = (w.N + kRows - 1) / kRows;
   parallel_rows(blocks, work_ns, num_threads, [&](int64_t block_begin, int64_t block_end) {
     std::vector<float> sums(M * kRows);
-    std::vector<float> scales(kRows * 2 * qx.units);  // int4: rows_vnni's fp32 run scales of one block
+    std::vector<float> scales(int4 ? kRows * qx.runs() : 0);  // rows_vnni's fp32 run scales of one block
     const int64_t end = std::min(block_end * kRows, w.N);
     for (int64_t n0 = block_begin * kRows; n0 < end;) {
       const int64_t rows = n0 + kRows <= end ? kRows : 1;
       if (rows == kRows) {
-        rows_vnni_any<kRows>(sums.data(), w, n0, qx, M, scales.data());
+        rows_vnni<kRows>(sums.data(), w, n0, qx, M, scales.data());
       } else {
-        rows_vnni_any<1>(sums.data(), w, n0, qx, M, scales.data());
+        rows_vnni<1>(sums.data(), w, n0, qx, M, scales.data());
       }
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t r = 0; r < rows; ++r) write_out(out, w, bias, m, n0 + r, sums[m * rows + r]);
