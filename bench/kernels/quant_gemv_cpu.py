@@ -103,7 +103,9 @@ def main() -> None:
             one = nbytes(weights(fmt, 64, 64, 1)[0]) * (k * n) / (64 * 64)
             pool = weights(fmt, k, n, 1 if args.hot else max(2, int(POOL_BYTES // one) + 1))
             if fmt == "bf16":
-                variants["bf16 ops.linear"] = (pool, lambda w: ops.linear(x, w[0]))
+                variants["bf16 new"] = (pool, lambda w: ops.linear(x, w[0]))
+                if old is not None:
+                    variants["bf16 old"] = (pool, lambda w: old.linear(x, w[0], None))
                 continue
             variants[f"{fmt} new"] = (pool, lambda w: ops.quant_linear(x, w[0], w[1]))
             if old is not None:

@@ -63,6 +63,20 @@ void run_threads(int num_threads, Body&& body) {
 }
 
 // Part `part` of [0, n) cut into `parts` contiguous near-equal ranges: [begin, end).
+// Software prefetch for a block of `rows` weight rows read side by side (row_bytes each, the next block right
+// after; GEMV kernels): the address `traffic` bytes of the block's reading ahead of byte o of a row, i.e.
+// traffic / rows further along the row, continued into the same row of the next block past the row's end (at most
+// one block ahead). A distance per row, not per block, keeps long rows' lines from being evicted before use.
+struct RowAhead {
+  int64_t row_bytes, along, wrap;
+  RowAhead(int64_t rows, int64_t row_bytes, int64_t traffic)
+      : row_bytes(row_bytes), along(std::min(row_bytes, traffic / rows)), wrap((rows - 1) * row_bytes) {}
+  // p: byte o of a row of the block.
+  const char* operator()(const void* p, int64_t o) const {
+    return static_cast<const char*>(p) + along + (o + along >= row_bytes ? wrap : 0);
+  }
+};
+
 struct Range {
   int64_t begin, end;
 };

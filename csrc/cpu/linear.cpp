@@ -29,9 +29,11 @@ namespace {
 // K elements per chunk when several tiles of x rows share a block of weight rows (R x kChunk weights in L1).
 constexpr int64_t kChunk = 512;
 
-// How far ahead of the loads each weight row is prefetched into L1. The hardware prefetcher alone leaves the
-// DRAM reads and the FMAs serialized once M >= 2 (time = read + compute); 1 KB ahead overlaps them (bench/NOTES.md).
-constexpr int64_t kPrefetchBytes = 1024;
+// How far ahead of the loads (in the block's traffic, RowAhead) each weight row is prefetched, a line at a time:
+// into L1 8 KB (1 KB along each of M = 1's 8 rows): the hardware prefetcher alone leaves the DRAM reads and the
+// FMAs serialized once M >= 2 (time = read + compute); and into L2 32 KB, as the quantized GEMVs, where an L1
+// prefetch alone holds a line fill buffer through the whole DRAM latency (bench/NOTES.md).
+constexpr int64_t kPrefetchNearBytes = 8 << 10, kPrefetchFarBytes = 32 << 10;
 
 // The call's operands with x and bias as fp32 (x: [M, K] with row stride x_stride; bias: [N] or null).
 template <typename T>
@@ -72,19 +74,27 @@ void rows_portable(const Operands<T>& op, int64_t begin, int64_t end) {
 // ---- AVX2 ----
 
 // acc[m * R + r] += 8-lane partial dot products of x rows m < MT with weight rows r < R over len elements
-// (a multiple of 8). w: weight row 0 of the block (rows K apart); x: x row 0 of the tile (rows x_stride apart);
-// acc: MT * R vectors of 8 floats, kept in registers for the whole loop.
+// (a multiple of 8). w: weight row 0 of the block at element k0 of the row (rows K apart); x: x row 0 of the tile
+// (rows x_stride apart); acc: MT * R vectors of 8 floats, kept in registers for the whole loop.
 template <int MT, int R, typename T>
-PHI_FAST_TARGET_AVX2 inline void tile_avx2(float* acc, const T* w, int64_t K, const float* x, int64_t x_stride,
-                                           int64_t len) {
+PHI_FAST_TARGET_AVX2 inline void tile_avx2(float* acc, const T* w, int64_t K, int64_t k0, const float* x,
+                                           int64_t x_stride, int64_t len) {
   __m256 a[MT][R];
   for (int m = 0; m < MT; ++m) {
     for (int r = 0; r < R; ++r) a[m][r] = _mm256_loadu_ps(acc + 8 * (m * R + r));
   }
-  constexpr int64_t ahead = kPrefetchBytes / sizeof(T);
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(T));
+  const RowAhead near(R, row_bytes, kPrefetchNearBytes), far(R, row_bytes, kPrefetchFarBytes);
   for (int64_t k = 0; k < len; k += 8) {
     __m256 wv[R];
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + ahead), _MM_HINT_T0);
+    if ((k0 + k) % kLine == 0) {
+      for (int r = 0; r < R; ++r) {
+        const int64_t o = (k0 + k) * static_cast<int64_t>(sizeof(T));
+        _mm_prefetch(near(w + r * K + k, o), _MM_HINT_T0);
+        _mm_prefetch(far(w + r * K + k, o), _MM_HINT_T1);
+      }
+    }
     for (int r = 0; r < R; ++r) wv[r] = avx2::load8(w + r * K + k);
     for (int m = 0; m < MT; ++m) {
       const __m256 xv = _mm256_loadu_ps(x + m * x_stride + k);
@@ -107,9 +117,9 @@ PHI_FAST_TARGET_AVX2 void block_avx2(const Operands<T>& op, int64_t n0, float* a
     const int64_t len = std::min(chunk, K8 - k0);
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) {
-      tile_avx2<2, R>(acc + m * R * 8, w + k0, K, op.x + m * op.x_stride + k0, op.x_stride, len);
+      tile_avx2<2, R>(acc + m * R * 8, w + k0, K, k0, op.x + m * op.x_stride + k0, op.x_stride, len);
     }
-    if (m < M) tile_avx2<1, R>(acc + m * R * 8, w + k0, K, op.x + m * op.x_stride + k0, op.x_stride, len);
+    if (m < M) tile_avx2<1, R>(acc + m * R * 8, w + k0, K, k0, op.x + m * op.x_stride + k0, op.x_stride, len);
   }
   for (int64_t m = 0; m < M; ++m) {
     const float* x = op.x + m * op.x_stride;

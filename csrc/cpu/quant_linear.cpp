@@ -45,22 +45,10 @@ inline int64_t far_ahead(int64_t block_bytes) {
   return std::max<int64_t>(1, (kPrefetchFarBytes + block_bytes - 1) / block_bytes) * block_bytes;
 }
 
-// The L1 prefetches reach kPrefetchNearBytes of the weight's traffic ahead: the next block of rows, or, where a
-// block is longer (K = 10240: 20 KB of int4, 40 KB of int8, which evicted L1's lines before their use and ran
-// fc2 ~25% below fc1), the same distance further along each row's stream, continued into the next block.
+// The L1 prefetches reach kPrefetchNearBytes of the weight's traffic ahead along each row (RowAhead): the next
+// block of rows for K = 2560, but not a whole block where that is longer (K = 10240: 20 KB of int4, 40 KB of int8,
+// which evicted L1's lines before their use and ran fc2 ~25% below fc1).
 constexpr int64_t kPrefetchNearBytes = 8 << 10;
-
-// Where a block's rows stream to for the L1 prefetch: the distance along each row, and the jump from the end of a
-// row to the same row of the next block (rows rows of row_bytes).
-struct NearAhead {
-  int64_t along, wrap;
-  NearAhead(int64_t rows, int64_t row_bytes)
-      : along(std::min(row_bytes, kPrefetchNearBytes / rows)), wrap((rows - 1) * row_bytes) {}
-  // The address `along` on from offset o of the row at p (p: the row's byte o).
-  const char* operator()(const void* p, int64_t o, int64_t row_bytes) const {
-    return static_cast<const char*>(p) + along + (o + along >= row_bytes ? wrap : 0);
-  }
-};
 
 // out[m, n] from a row's integer-kernel total: the int8 channel scale, the bias, the dtype.
 template <typename T>
@@ -408,7 +396,7 @@ template <int R>
 PHI_FAST_TARGET_AVX2 void row_int8_avx2(float* sums, const QuantWeight& w, int64_t n0, const QuantX& qx) {
   const int64_t K = w.K, full_units = K / kRun;
   const int64_t far = far_ahead(R * K);
-  const NearAhead near(R, K);
+  const RowAhead near(R, K, kPrefetchNearBytes);
   const int8_t* wrow = static_cast<const int8_t*>(w.data) + n0 * K;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -416,7 +404,7 @@ PHI_FAST_TARGET_AVX2 void row_int8_avx2(float* sums, const QuantWeight& w, int64
     if (u % 2 == 0) {
       for (int r = 0; r < R; ++r) {
         __builtin_prefetch(wrow + r * K + u * kRun + far, 0, 2);
-        __builtin_prefetch(near(wrow + r * K + u * kRun, u * kRun, K), 0, 3);
+        __builtin_prefetch(near(wrow + r * K + u * kRun, u * kRun), 0, 3);
       }
     }
     int8_unit<R>(acc, wrow + u * kRun, K, qx, u);
@@ -491,7 +479,7 @@ PHI_FAST_TARGET_AVX2 void row_int4_avx2(float* sums, const QuantWeight& w, int64
   const int64_t runs = kp / kRun, pairs = px.pairs;
   const int shift = __builtin_ctzll(static_cast<uint64_t>(w.group_size));
   const int64_t far = far_ahead(R * row_bytes);
-  const NearAhead near(R, row_bytes);
+  const RowAhead near(R, row_bytes, kPrefetchNearBytes);
   const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * row_bytes;
   const uint16_t* srow = w.group_scales() + n0 * groups;
   int64_t i = 0;
@@ -509,7 +497,7 @@ PHI_FAST_TARGET_AVX2 void row_int4_avx2(float* sums, const QuantWeight& w, int64
     const uint8_t* b = wrow + p * 32;
     for (int r = 0; r < R; ++r) {
       __builtin_prefetch(b + r * row_bytes + far, 0, 2);
-      __builtin_prefetch(near(b + r * row_bytes, p * 32, row_bytes), 0, 3);
+      __builtin_prefetch(near(b + r * row_bytes, p * 32), 0, 3);
       const float* s = scales + r * groups;
       if constexpr (kGroup32) {  // the two pairs' four scales
         const __m256 four = _mm256_castps128_ps256(_mm_loadu_ps(s + 2 * p));
@@ -579,7 +567,7 @@ void decode_avx2(T* out, const QuantWeight& w, const T* bias, const QuantX& qx, 
 // Per unit and row of x, one float step per weight row: acc += float(dot) * (x block scale * weight group scale)
 // lane by lane (int8: the per-channel scale once at the end). Rows of x come kMt at a time with their kRows x kMt
 // accumulators in registers over the whole of K; more rows of x re-read the block's packed rows (from L1 / L2)
-// and unpack them again. Each unit also prefetches a line of each row ahead (far_ahead, NearAhead), and int4's fp16
+// and unpack them again. Each unit also prefetches a line of each row ahead (far_ahead, RowAhead), and int4's fp16
 // group scales are widened once per block (at decode already multiplied by x's block scales, so the inner loop's
 // float step is one FMA, as int8's).
 
@@ -694,7 +682,7 @@ PHI_FAST_TARGET_VNNI void tile_vnni_int8(float* sums, const QuantWeight& w, int6
   const uint8_t* wrow = static_cast<const uint8_t*>(w.data) + n0 * K;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t far = far_ahead(R * K);
-  const NearAhead near(R, K);
+  const RowAhead near(R, K, kPrefetchNearBytes);
   constexpr int A = kChains<MT, R>;
   __m512 acc[MT][R][A];
   for (auto& per_m : acc) {
@@ -710,9 +698,9 @@ PHI_FAST_TARGET_VNNI void tile_vnni_int8(float* sums, const QuantWeight& w, int6
       __m512i wv[R];
       for (int r = 0; r < R; ++r) {
         const uint8_t* p = wrow + r * K + u * kUnit8;
-        // A line at a time: ~32 KB ahead into L2, ~8 KB ahead into L1 (NearAhead).
+        // A line at a time: ~32 KB ahead into L2, ~8 KB ahead into L1 (RowAhead).
         __builtin_prefetch(p + far, 0, 2);
-        __builtin_prefetch(near(p, u * kUnit8, K), 0, 3);
+        __builtin_prefetch(near(p, u * kUnit8), 0, 3);
         wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p), flip);
       }
       for (int m = 0; m < MT; ++m) {
@@ -741,7 +729,7 @@ PHI_FAST_TARGET_VNNI void tile_vnni_int4(float* sums, const QuantWeight& w, int6
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // run j to lane j
   const int64_t far = far_ahead(R * row_bytes);
-  const NearAhead near(R, row_bytes);
+  const RowAhead near(R, row_bytes, kPrefetchNearBytes);
   constexpr int64_t kUnitBytes = kUnit4 / 2;  // one cache line of each row
   constexpr int A = kChains<MT, R>;
   __m512 acc[MT][R][A];
@@ -761,7 +749,7 @@ PHI_FAST_TARGET_VNNI void tile_vnni_int4(float* sums, const QuantWeight& w, int6
       for (int r = 0; r < R; ++r) {
         const uint8_t* p = wrow + r * row_bytes + u * kUnitBytes;
         __builtin_prefetch(p + far, 0, 2);
-        __builtin_prefetch(near(p, u * kUnitBytes, row_bytes), 0, 3);
+        __builtin_prefetch(near(p, u * kUnitBytes), 0, 3);
         if (u % 8 == 0) __builtin_prefetch(next_scales + r * groups + (u * kUnit4 >> shift), 0, 3);
         const __m512i v = _mm512_maskz_loadu_epi8(mask, p);
         lo[r] = _mm512_and_si512(v, low);
