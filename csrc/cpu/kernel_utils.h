@@ -62,7 +62,6 @@ void run_threads(int num_threads, Body&& body) {
   }
 }
 
-// Part `part` of [0, n) cut into `parts` contiguous near-equal ranges: [begin, end).
 // Software prefetch for a block of `rows` weight rows read side by side (row_bytes each, the next block right
 // after; GEMV kernels): the address `traffic` bytes of the block's reading ahead of byte o of a row, i.e.
 // traffic / rows further along the row, continued into the same row of the next block past the row's end (at most
@@ -77,6 +76,7 @@ struct RowAhead {
   }
 };
 
+// Part `part` of [0, n) cut into `parts` contiguous near-equal ranges: [begin, end).
 struct Range {
   int64_t begin, end;
 };

@@ -8,15 +8,15 @@
 // int4 weights enter the products as their stored nibbles q + 8 (unsigned, as the u8 x s8 instructions want);
 // the 8 * sum(qx) surplus is taken off with a per-lane correction precomputed with x.
 // Loop order: output rows kRows at a time, each packed weight read from memory once per call. Paths (chosen at run
-// time): VNNI (AVX512-VNNI dpbusd on 64 weights) when avx512::enabled() and the CPU has it: weights unpacked in
-// registers, every row of x multiplied with them; else AVX2 (maddubs + madd on 32 weights): in registers for one row
-// of x (int4: two runs per 32-byte load, x reordered to match, PairX), and for more rows through a chunk buffer (per
-// chunk of kChunk inputs the kRows rows laid out in lane order, int4 nibbles unpacked, then every row of x
-// multiplied with it); else portable loops (the chunk buffer) with the same arithmetic. Decode GEMVs are read-bound,
-// so each block prefetches the next one's bytes. dequantize_rows (the prompt path: fp32 tiles for torch's GEMM)
-// unpacks to fp32 exactly: AVX-512, AVX2 or scalar, its rows split over the threads. Threads: N split into one
-// contiguous range of kRows-row blocks per thread, only when the call is big enough to pay for a team
-// (kernel_utils.h).
+// time): VNNI (AVX512-VNNI dpbusd on 64 int8 / 128 int4 weights per step) when avx512::enabled() and the CPU has it:
+// weights unpacked in registers, every row of x multiplied with them; else AVX2 (maddubs + madd on 32 weights): in
+// registers for one row of x (int4: two runs per 32-byte load, x reordered to match, PairX), and for more rows through
+// a chunk buffer (per chunk of kChunk inputs the kRows rows laid out in lane order, int4 nibbles unpacked, then every
+// row of x multiplied with it); else portable loops (the chunk buffer) with the same arithmetic. Decode GEMVs are
+// read-bound, so each step prefetches its rows' lines ahead, into L2 and into L1. dequantize_rows (the prompt path:
+// fp32 tiles for torch's GEMM) unpacks to fp32 exactly: AVX-512, AVX2 or scalar, its rows split over the threads.
+// Threads: N split into one contiguous range of kRows-row blocks per thread, only when the call is big enough to pay
+// for a team (kernel_utils.h).
 #include "cpu/quant_linear.h"
 
 #include <algorithm>
