@@ -658,21 +658,30 @@ PHI_FAST_TARGET_VNNI VnniX quantize_x_vnni(bool int4, const T* x, int64_t x_stri
   return qx;
 }
 
-// A accumulators per (row of x, weight row), taken by units in turn: with few rows in a tile one FMA chain would
-// bound the loop by the FMA latency (a unit's only loop-carried dependency).
+// A tile's accumulators: A per (row of x, weight row), taken by units in turn: with few rows in a tile one FMA
+// chain would bound the loop by the FMA latency (a unit's only loop-carried dependency).
 template <int MT, int R>
-constexpr int kChains = MT * R >= 4 ? 1 : 4 / (MT * R);
-
-template <int MT, int R, int A>
-PHI_FAST_TARGET_VNNI inline void reduce_tile(float* sums, __m512 (&acc)[MT][R][A]) {
-  for (int m = 0; m < MT; ++m) {
-    for (int r = 0; r < R; ++r) {
-      __m512 total = acc[m][r][0];
-      for (int a = 1; a < A; ++a) total = _mm512_add_ps(total, acc[m][r][a]);
-      sums[m * R + r] = _mm512_reduce_add_ps(total);
+struct TileAcc {
+  static constexpr int A = MT * R >= 4 ? 1 : 4 / (MT * R);
+  __m512 v[MT][R][A];
+  PHI_FAST_TARGET_VNNI TileAcc() {
+    for (auto& per_m : v) {
+      for (auto& per_r : per_m) {
+        for (auto& a : per_r) a = _mm512_setzero_ps();
+      }
     }
   }
-}
+  // sums[m * R + r]: the lanes and chains of (m, r) added up.
+  PHI_FAST_TARGET_VNNI void reduce(float* sums) const {
+    for (int m = 0; m < MT; ++m) {
+      for (int r = 0; r < R; ++r) {
+        __m512 total = v[m][r][0];
+        for (int a = 1; a < A; ++a) total = _mm512_add_ps(total, v[m][r][a]);
+        sums[m * R + r] = _mm512_reduce_add_ps(total);
+      }
+    }
+  }
+};
 
 // MT rows of x (from m0) times the int8 weight rows n0 .. n0 + R - 1 over all of K: out[m * N + n0 + r] before
 // the channel scale and the bias into sums[m * R + r].
@@ -683,13 +692,8 @@ PHI_FAST_TARGET_VNNI void tile_vnni_int8(float* sums, const QuantWeight& w, int6
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t far = far_ahead(R * K);
   const RowAhead near(R, K, kPrefetchNearBytes);
-  constexpr int A = kChains<MT, R>;
-  __m512 acc[MT][R][A];
-  for (auto& per_m : acc) {
-    for (auto& per_r : per_m) {
-      for (auto& a : per_r) a = _mm512_setzero_ps();
-    }
-  }
+  TileAcc<MT, R> acc;
+  constexpr int A = TileAcc<MT, R>::A;
   for (int64_t u0 = 0; u0 < units; u0 += A) {
 #pragma GCC unroll 4
     for (int a = 0; a < A && u0 + a < units; ++a) {
@@ -709,12 +713,12 @@ PHI_FAST_TARGET_VNNI void tile_vnni_int8(float* sums, const QuantWeight& w, int6
         const __m512 xs = _mm512_loadu_ps(qx.scale.data() + index * 16);
         const __m512i start = _mm512_loadu_si512(qx.start.data() + index * 16);
         for (int r = 0; r < R; ++r) {
-          acc[m][r][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xq)), xs, acc[m][r][a]);
+          acc.v[m][r][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xq)), xs, acc.v[m][r][a]);
         }
       }
     }
   }
-  reduce_tile(sums, acc);
+  acc.reduce(sums);
 }
 
 // The same for int4 weight rows; scales: the block's fp32 run scales [R, runs] (kFolded: times x's block scales).
@@ -731,13 +735,8 @@ PHI_FAST_TARGET_VNNI void tile_vnni_int4(float* sums, const QuantWeight& w, int6
   const int64_t far = far_ahead(R * row_bytes);
   const RowAhead near(R, row_bytes, kPrefetchNearBytes);
   constexpr int64_t kUnitBytes = kUnit4 / 2;  // one cache line of each row
-  constexpr int A = kChains<MT, R>;
-  __m512 acc[MT][R][A];
-  for (auto& per_m : acc) {
-    for (auto& per_r : per_m) {
-      for (auto& a : per_r) a = _mm512_setzero_ps();
-    }
-  }
+  TileAcc<MT, R> acc;
+  constexpr int A = TileAcc<MT, R>::A;
   for (int64_t u0 = 0; u0 < units; u0 += A) {
 #pragma GCC unroll 4
     for (int a = 0; a < A && u0 + a < units; ++a) {
@@ -764,12 +763,12 @@ PHI_FAST_TARGET_VNNI void tile_vnni_int4(float* sums, const QuantWeight& w, int6
         for (int r = 0; r < R; ++r) {
           const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo[r], xlo), hi[r], xhi);
           const __m512 scale = kFolded ? ws[r] : _mm512_mul_ps(_mm512_loadu_ps(qx.scale.data() + index * 16), ws[r]);
-          acc[m][r][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[m][r][a]);
+          acc.v[m][r][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc.v[m][r][a]);
         }
       }
     }
   }
-  reduce_tile(sums, acc);
+  acc.reduce(sums);
 }
 
 // Weight rows n0 .. n0 + R - 1 times every row of x. int4: the rows' fp16 group scales are widened to fp32 once
