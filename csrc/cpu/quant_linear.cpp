@@ -638,7 +638,8 @@ PHI_FAST_TARGET_VNNI VnniX quantize_x_vnni(bool int4, const T* x, int64_t x_stri
       for (int b = 0; b < blocks; ++b) {
         const int64_t k = u * unit + b * kRun;
         const __m512 v0 = load16(row, k, K), v1 = load16(row, k + 16, K);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, abs_mask), _mm512_and_ps(v1, abs_mask)));
+        const __m512 a = _mm512_max_ps(_mm512_and_ps(v0, abs_mask), _mm512_and_ps(v1, abs_mask));
+        const float amax = _mm512_reduce_max_ps(a);
         const float s = amax / 127.0f;
         qx.block_scale[index * blocks + b] = s;
         const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
@@ -713,7 +714,8 @@ PHI_FAST_TARGET_VNNI void tile_vnni_int8(float* sums, const QuantWeight& w, int6
         const __m512 xs = _mm512_loadu_ps(qx.scale.data() + index * 16);
         const __m512i start = _mm512_loadu_si512(qx.start.data() + index * 16);
         for (int r = 0; r < R; ++r) {
-          acc.v[m][r][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xq)), xs, acc.v[m][r][a]);
+          const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, wv[r], xq));
+          acc.v[m][r][a] = _mm512_fmadd_ps(dot, xs, acc.v[m][r][a]);
         }
       }
     }
