@@ -762,9 +762,11 @@ PHI_FAST_TARGET_VNNI void tile_vnni_int4(float* sums, const QuantWeight& w, int6
         const int8_t* xq = qx.q.data() + index * kUnit4;
         const __m512i xlo = _mm512_loadu_si512(xq), xhi = _mm512_loadu_si512(xq + 64);
         const __m512i start = _mm512_loadu_si512(qx.start.data() + index * 16);
+        // x's block scales (folded: already in ws).
+        const __m512 xs = kFolded ? _mm512_setzero_ps() : _mm512_loadu_ps(qx.scale.data() + index * 16);
         for (int r = 0; r < R; ++r) {
           const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo[r], xlo), hi[r], xhi);
-          const __m512 scale = kFolded ? ws[r] : _mm512_mul_ps(_mm512_loadu_ps(qx.scale.data() + index * 16), ws[r]);
+          const __m512 scale = kFolded ? ws[r] : _mm512_mul_ps(xs, ws[r]);
           acc.v[m][r][a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc.v[m][r][a]);
         }
       }
