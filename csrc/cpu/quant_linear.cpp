@@ -207,9 +207,22 @@ QuantX quantize_x(Isa isa, bool int4, const T* x, int64_t x_stride, int64_t M, i
   return qx;
 }
 
-// The bytes [p, p + len) of the block of rows after this one, `ahead` bytes on, into L1: each block's rows are
-// short streams that the hardware prefetchers pick up late (bench/NOTES.md, quantized decode v3). Prefetches never
-// fault, so the last block's reach past the weight is harmless.
+// Prefetches for the bytes [p, p + len) of a row of a block of rows (row_bytes each, p at byte o of the row), a
+// line at a time, as the VNNI tiles': far (far_ahead) into L2 and kPrefetchNearBytes of the block's traffic ahead
+// into L1 (RowAhead): each block's rows are short streams that the hardware prefetchers pick up late (bench/NOTES.md,
+// quantized decode v3). Prefetches never fault, so the last block's reach past the weight is harmless.
+inline void prefetch_row_ahead(const void* p, int64_t len, int64_t o, int64_t rows, int64_t row_bytes) {
+  const char* c = static_cast<const char*>(p);
+  const int64_t far = far_ahead(rows * row_bytes);
+  const RowAhead near(rows, row_bytes, kPrefetchNearBytes);
+  for (int64_t i = 0; i < len; i += 64) {
+    __builtin_prefetch(c + i + far, 0, 2);
+    __builtin_prefetch(near(c + i, o + i), 0, 3);
+  }
+}
+
+// The bytes [p, p + len) of the block of rows after this one, `ahead` bytes on, into L1 (int4's group scales: a
+// few lines per block).
 inline void prefetch_next_block(const void* p, int64_t len, int64_t ahead) {
   const char* next = static_cast<const char*>(p) + ahead;
   for (int64_t i = 0; i < len; i += 64) __builtin_prefetch(next + i, 0, 3);
@@ -224,7 +237,7 @@ void pack_chunk_portable(uint8_t* buf, const QuantWeight& w, int64_t n0, int64_t
     if (len < kChunk) std::memset(dst, 0, kChunk);
     if (w.format == QuantFormat::int8) {
       const int8_t* src = static_cast<const int8_t*>(w.data) + (n0 + r) * w.K + k0;
-      prefetch_next_block(src, len, rows * w.K);
+      prefetch_row_ahead(src, len, k0, rows, w.K);
       std::memcpy(dst, src, len);
       continue;
     }
@@ -250,7 +263,7 @@ PHI_FAST_TARGET_AVX2 void pack_chunk_int4_linear(uint8_t* buf, const QuantWeight
     const Int4Row row = int4_row(w, n0 + r);
     const uint8_t* src = row.bytes + k0 / 2;
     const int64_t row_bytes = round_up(w.K, w.group_size) / 2, groups = row_bytes * 2 / w.group_size;
-    prefetch_next_block(src, runs * 16, rows * row_bytes);
+    prefetch_row_ahead(src, runs * 16, k0 / 2, rows, row_bytes);
     prefetch_next_block(row.scales + k0 / w.group_size, runs * kRun / w.group_size * 2, rows * groups * 2);
     for (int64_t run = 0; run < runs; ++run) {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + run * 16));
