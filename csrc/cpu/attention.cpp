@@ -18,7 +18,7 @@
 // (scale q_h) . k_p,h, fp32 dot products straight from the rows, 4 heads at a time; pass 2 turns s into
 // p = exp(s - max) with l_h = sum_p p[p, h] (per-thread buffer [len, heads]); pass 3 walks the V pages,
 // o_h = (sum_p p[p, h] v_p,h) / l_h, each head's output columns in registers over a page's rows. Every K and V
-// element is read once.
+// element is read once. The AVX2 passes prefetch the next page's rows into L2 while they use a page's.
 // Both paths have AVX2 + FMA (+ F16C) versions, chosen at run time (vec_avx2.h: PHI_FAST_CPU_PORTABLE=1 opts
 // out), and portable loops. head_dim must be a multiple of kTileCols = 16 (64 and 80 are).
 // Threads: tasks are (sequence, block of up to kQueryBlock queries, head) for blocks and (sequence, group of
@@ -245,6 +245,20 @@ struct PagedRows {
   }
 };
 
+// How many pages ahead of its use decode prefetches a page's rows (prefetch_l2): 1 and 2 measured alike.
+constexpr int64_t kPagesAhead = 1;
+
+// [p, p + bytes) into L2, a line at a time: a later page's rows while this page's are used. The pages of a
+// sequence lie anywhere in the cache and a task reads a slice of each row (its heads), so the hardware prefetchers
+// find no stream to follow: without this, decode over a long context read its cold K/V at a third of the
+// bandwidth the same kernel reaches from L3 (bench/NOTES.md).
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p), end = begin + bytes;
+  for (uintptr_t line = begin & ~uintptr_t{63}; line < end; line += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
+  }
+}
+
 // Floats of per-thread scratch a single query over `heads` heads and `len` positions needs.
 int64_t decode_scratch_floats(int64_t heads, int64_t len, int64_t d) { return heads * (2 * d + len + 2); }
 
@@ -350,10 +364,18 @@ template <int kChunks, typename T>
 PHI_FAST_TARGET_AVX2 void weighted_values_avx2(T* out, float* acc, const float* probs, const float* inv,
                                                const PagedRows<T>& rows, int64_t len, int64_t heads, int64_t d) {
   std::fill(acc, acc + heads * d, 0.0f);
+  const int64_t num_pages = (len + rows.page_size - 1) / rows.page_size;
   for (int64_t p0 = 0, g = 0; p0 < len; p0 += rows.page_size, ++g) {
     const T* page = rows.value_cache + rows.page_offset(g);
     const int64_t n = std::min(rows.page_size, len - p0);
+    // The rows of the page kPagesAhead on, spread over this page's heads: head i's slices with head i.
+    const int64_t ahead = g + kPagesAhead;
+    const T* next = ahead < num_pages ? rows.value_cache + rows.page_offset(ahead) : nullptr;
+    const int64_t n_next = std::min(rows.page_size, len - ahead * rows.page_size);
     for (int64_t i = 0; i < heads; ++i) {
+      for (int64_t j = 0; next != nullptr && j < n_next; ++j) {
+        prefetch_l2(next + j * rows.row_stride + i * d, d * static_cast<int64_t>(sizeof(T)));
+      }
       for (int64_t c0 = 0; c0 < d; c0 += 8 * kChunks) {
         float* a = acc + i * d + c0;
         __m256 regs[kChunks];
@@ -389,10 +411,17 @@ PHI_FAST_TARGET_AVX2 void decode_query_avx2(T* out, const T* q, int64_t q_hs, co
     }
   }
   std::fill(max, max + heads, kNegInf);
+  const int64_t num_pages = (len + rows.page_size - 1) / rows.page_size;
+  const int64_t slice = heads * d * static_cast<int64_t>(sizeof(T));  // the task's bytes of one cached row
   for (int64_t p0 = 0, g = 0; p0 < len; p0 += rows.page_size, ++g) {
     const T* page = rows.key_cache + rows.page_offset(g);
+    // Row j of the page kPagesAhead on: keys, then (past the last page of keys) the first pages of values.
+    const int64_t ahead = g + kPagesAhead;
+    const T* next = ahead < num_pages ? rows.key_cache + rows.page_offset(ahead)
+                    : ahead < 2 * num_pages ? rows.value_cache + rows.page_offset(ahead - num_pages) : nullptr;
     const int64_t n = std::min(rows.page_size, len - p0);
     for (int64_t j = 0; j < n; ++j) {
+      if (next != nullptr) prefetch_l2(next + j * rows.row_stride, slice);
       row_scores_avx2(s + (p0 + j) * heads, max, qf, page + j * rows.row_stride, heads, d);
     }
   }
