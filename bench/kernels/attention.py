@@ -14,7 +14,8 @@ Paged prefill: a chunk of `new` queries over `prefix` cached tokens (35 + 600: a
 block per query and head), reached through the same op by giving each query its own one-query sequence over the
 same pages, and SDPA on contiguous K/V with a lower-right causal mask.
 Mixed step: 4 decode rows over 700 tokens + a 128-query chunk after 35, as one call vs the two parts as two calls.
-On the CPU (--device cpu, fp32) only the paged prefill and mixed-step cases run (the others are GPU targets).
+On the CPU (--device cpu): decode at batch 1 over 620 and 2000 tokens (bf16, cold K/V: calls cycle through
+>= 256 MiB of copies), and the paged prefill and mixed-step cases (fp32); the others are GPU targets.
 """
 
 from __future__ import annotations
@@ -30,27 +31,45 @@ from phi_fast import ops
 PAGE_SIZE = 16
 
 
-def _decode_case(batch: int, context: int, heads: int = 32, head_dim: int = 80) -> Case:
+def _decode_case(batch: int, context: int, heads: int = 32, head_dim: int = 80, device: str = "cuda") -> Case:
+    """On the CPU the case cycles through copies of its K/V (>= 256 MiB in all, paged and dense alike), so each
+    call reads them from memory as decode does (the GPU flushes L2 instead)."""
     dt = torch.bfloat16
     pages_per_seq = (context + PAGE_SIZE - 1) // PAGE_SIZE
     num_pages = batch * pages_per_seq
-    kc = torch.randn(num_pages, PAGE_SIZE, heads, head_dim, device="cuda", dtype=dt)
-    vc = torch.randn_like(kc)
-    table = torch.randperm(num_pages, device="cuda").to(torch.int32).view(batch, pages_per_seq)
-    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, 3, heads, head_dim, device="cuda", dtype=dt)[:, 0]  # strided, as out of the QKV GEMM
-    scale = head_dim ** -0.5
-    k_dense = kc[table.long()].reshape(batch, -1, heads, head_dim)[:, :context].transpose(1, 2).contiguous()
-    v_dense = vc[table.long()].reshape(batch, -1, heads, head_dim)[:, :context].transpose(1, 2).contiguous()
-    q_dense = q.unsqueeze(2).contiguous()  # [B, H, 1, D]
     kv_bytes = 2 * batch * context * heads * head_dim * 2
+    copies = 1 if device == "cuda" else -(-(256 << 20) // kv_bytes)
+    table = torch.randperm(num_pages, device=device).to(torch.int32).view(batch, pages_per_seq)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    q = torch.randn(batch, 3, heads, head_dim, device=device, dtype=dt)[:, 0]  # strided, as out of the QKV GEMM
+    q_dense = q.unsqueeze(2).contiguous()  # [B, H, 1, D]
+    scale = head_dim ** -0.5
+    paged, dense = [], []
+    for _ in range(copies):
+        kc = torch.randn(num_pages, PAGE_SIZE, heads, head_dim, device=device, dtype=dt)
+        vc = torch.randn_like(kc)
+        paged.append((kc, vc))
+        dense.append(tuple(c[table.long()].reshape(batch, -1, heads, head_dim)[:, :context].transpose(1, 2)
+                           .contiguous() for c in (kc, vc)))
+    turn = {"paged": 0, "dense": 0}
+
+    def next_copy(kind: str, pool: list) -> tuple[torch.Tensor, torch.Tensor]:
+        turn[kind] += 1
+        return pool[turn[kind] % len(pool)]
+
+    def ours():
+        kc, vc = next_copy("paged", paged)
+        return ops.paged_attention(q, kc, vc, table, lens, cu, scale, backend="cpp")
+
+    def sdpa():
+        k, v = next_copy("dense", dense)
+        return F.scaled_dot_product_attention(q_dense, k, v, scale=scale)
+
     return Case(
-        name="paged_attention decode", shape=f"{batch} x {context}, {heads} x {head_dim}", dtype="bf16",
-        fn=lambda: ops.paged_attention(q, kc, vc, table, lens, cu, scale, backend="cpp"),
-        baseline="SDPA, contiguous K/V",
-        baseline_fn=lambda: F.scaled_dot_product_attention(q_dense, k_dense, v_dense, scale=scale),
-        bytes_moved=kv_bytes + 2 * batch * heads * head_dim * 2, flush_l2=True)
+        name="paged_attention decode", shape=f"{batch} x {context}, {heads} x {head_dim}", dtype="bf16", fn=ours,
+        baseline="SDPA, contiguous K/V", baseline_fn=sdpa, bytes_moved=kv_bytes + 2 * batch * heads * head_dim * 2,
+        flush_l2=True)
 
 
 def _prefill_case(tokens: int, heads: int, head_dim: int, causal: bool) -> Case:
@@ -157,8 +176,8 @@ def _mixed_case(device: str, heads: int = 32, head_dim: int = 80) -> Case:
 
 def make_cases(device: str = "cuda") -> list[Case]:
     paged = _paged_prefill_cases(35, 600, device) + _paged_prefill_cases(600, 32, device) + [_mixed_case(device)]
-    if device == "cpu":
-        return paged
+    if device == "cpu":  # decode at batch 1: after an image prompt, and at a longer context
+        return [_decode_case(1, 620, device="cpu"), _decode_case(1, 2000, device="cpu"), *paged]
     return [_decode_case(1, 640), _decode_case(32, 2048), _decode_case(64, 700),
             _prefill_case(640, 32, 80, True), _prefill_case(2048, 32, 80, True), _prefill_case(577, 16, 64, False),
             *paged]
