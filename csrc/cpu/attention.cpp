@@ -370,10 +370,10 @@ PHI_FAST_TARGET_AVX2 void weighted_values_avx2(T* out, float* acc, const float* 
     const int64_t n = std::min(rows.page_size, len - p0);
     // The rows of the page kPagesAhead on, spread over this page's heads: head i's slices with head i.
     const int64_t ahead = g + kPagesAhead;
-    const T* next = ahead < num_pages ? rows.value_cache + rows.page_offset(ahead) : nullptr;
-    const int64_t n_next = std::min(rows.page_size, len - ahead * rows.page_size);
+    const T* next = ahead < num_pages ? rows.value_cache + rows.page_offset(ahead) : page;
+    const int64_t n_next = ahead < num_pages ? std::min(rows.page_size, len - ahead * rows.page_size) : 0;
     for (int64_t i = 0; i < heads; ++i) {
-      for (int64_t j = 0; next != nullptr && j < n_next; ++j) {
+      for (int64_t j = 0; j < n_next; ++j) {
         prefetch_l2(next + j * rows.row_stride + i * d, d * static_cast<int64_t>(sizeof(T)));
       }
       for (int64_t c0 = 0; c0 < d; c0 += 8 * kChunks) {
