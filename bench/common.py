@@ -103,6 +103,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def require_current_build() -> None:
+    """Exits with the reason when phi_fast._C is older than a file under csrc/: the numbers would be another build's."""
+    from phi_fast import _ext
+    extension = _ext.extension()
+    built = Path(extension.__file__)
+    newer = _ext.stale_sources(built, ROOT / "csrc", extension.has_cuda())
+    if newer:
+        raise SystemExit(f"bench: {_ext.stale_build_message(built, newer)}")
+
+
 def time_us_cpu(fns: list[Callable[[], object]], iters: int, warmup: int = 2) -> list[float]:
     """Median wall-clock microseconds of each of fns on the CPU, called in turn `iters` times (interleaved)."""
     for _ in range(warmup):
@@ -174,6 +184,7 @@ def run_suite(suite: str, make_cases: Callable[..., list[Case]], argv: list[str]
         parser.add_argument("--device", choices=("cuda", "cpu"),
                             default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    require_current_build()
     device = args.device if cpu else "cuda"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if device == "cuda" and not torch.cuda.is_available():

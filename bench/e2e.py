@@ -50,7 +50,8 @@ import torch
 from PIL import Image
 
 import phi_fast
-from bench.common import RESULTS, git_commit, gpu_slug, measure_ceilings, time_us, write_report
+from bench.common import (RESULTS, git_commit, gpu_slug, measure_ceilings, require_current_build, time_us,
+                          write_report)
 from phi_fast import ops
 from phi_fast.checkpoint_writer import random_tensor
 from phi_fast.cuda_graphs import DecodeGraphRunner
@@ -487,6 +488,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
+    require_current_build()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
         sys.exit(f"bench.e2e: needs a CUDA GPU (torch {torch.__version__} sees none)")

@@ -64,7 +64,7 @@ from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGene
                           LogitsProcessorList, PhiConfig)
 
 import phi_fast  # noqa: E402
-from bench.common import RESULTS, ROOT, git_commit, write_report  # noqa: E402
+from bench.common import RESULTS, ROOT, git_commit, require_current_build, write_report  # noqa: E402
 from phi_fast.checkpoint_writer import random_tensor  # noqa: E402
 from phi_fast.image import load_image, preprocess  # noqa: E402
 from phi_fast.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize_prompt  # noqa: E402
@@ -489,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files")
     parser.add_argument("--profile", action="store_true", help="only print a cProfile of batch-1 decode steps")
     args = parser.parse_args(argv)
+    require_current_build()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="phi_fast_e2e_cpu_") as tmp:

@@ -44,7 +44,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import phi_fast  # noqa: E402
-from bench.common import RESULTS, git_commit, write_report  # noqa: E402
+from bench.common import RESULTS, git_commit, require_current_build, write_report  # noqa: E402
 from bench.e2e_cpu import _busy_seconds, _others_share, _uncommitted, measure_ceilings  # noqa: E402
 from phi_fast.checkpoint_writer import write_random_llava_phi  # noqa: E402
 from phi_fast.config import TextConfig, VisionConfig  # noqa: E402
@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", nargs="*", default=list(PRECISIONS))
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    require_current_build()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     folder = checkpoint(args.dir / "llava_phi_bf16")

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import RESULTS, ROOT, git_commit, write_report
+from bench.common import RESULTS, ROOT, git_commit, require_current_build, write_report
 from bench.e2e_cpu import QUESTIONS, TEXT, VISION, _uncommitted, build_checkpoint
 
 log = logging.getLogger("phi_fast.bench")
@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                              "with --affinity-imbalance K")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the result files")
     args = parser.parse_args(argv)
+    require_current_build()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("httpx", "openai"):  # a line per request otherwise
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,18 +1,23 @@
 """Loads phi_fast._C (the compiled CPU/CUDA kernels) and refuses a missing or stale build with a clear error.
 
 _C records the torch (and CUDA) version it was compiled against; a different torch at run time would crash or
-misbehave, so it is an ImportError that says how to rebuild.
+misbehave, so it is an ImportError that says how to rebuild. Run from a source tree (an in-place or editable
+build), a _C older than a file under csrc/ still loads but runs the kernels as they were built: that is logged
+as a warning, and the benchmarks refuse it (bench.common.require_current_build).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+log = logging.getLogger("phi_fast")
 
 REBUILD_HINT = ("rebuild it against the installed torch from the phi_fast source folder: "
                 "pip install --no-build-isolation .  (or -e . for development)")
@@ -33,7 +38,29 @@ def extension() -> ModuleType:
     if built_cuda and runtime_cuda and built_cuda.split(".")[0] != runtime_cuda.split(".")[0]:
         raise ImportError(f"phi_fast._C was built for CUDA {built_cuda} but torch runs CUDA {runtime_cuda}; "
                           f"{REBUILD_HINT}")
+    newer = stale_sources(Path(_C.__file__), Path(__file__).resolve().parent.parent / "csrc", _C.has_cuda())
+    if newer:
+        log.warning("%s", stale_build_message(Path(_C.__file__), newer))
     return _C
+
+
+def stale_sources(built: Path, csrc: Path, with_cuda: bool) -> list[Path]:
+    """The files of csrc (the kernel sources beside a phi_fast source tree; none for an installed copy) that went
+    into `built`, the compiled extension, and changed after it was written: oldest change first. csrc/sim (the
+    emulator's own build) never goes into _C, csrc/cuda only into a CUDA build."""
+    if not csrc.is_dir():
+        return []
+    skipped = {csrc / "sim"} | (set() if with_cuda else {csrc / "cuda"})
+    built_at = built.stat().st_mtime
+    changed = [(path.stat().st_mtime, path) for path in csrc.rglob("*")
+               if path.is_file() and not skipped.intersection(path.parents)]
+    return [path for mtime, path in sorted(changed) if mtime > built_at]
+
+
+def stale_build_message(built: Path, newer: list[Path]) -> str:
+    more = f" and {len(newer) - 1} more" if len(newer) > 1 else ""
+    return (f"phi_fast._C ({built}) is older than {newer[0]}{more}: it runs the kernels as they were when it was "
+            f"built. Rebuild: python setup.py build_ext --inplace (or pip install --no-build-isolation -e .)")
 
 
 def missing_extension_message(error: str) -> str:

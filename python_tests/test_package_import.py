@@ -3,6 +3,7 @@ no build in that folder, or a source tree (usually the current folder) shadowing
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -68,3 +69,27 @@ def test_the_cli_reports_a_missing_build_in_one_line_before_any_output(tmp_path)
     assert len(out.stderr.strip().splitlines()) == 1 and "shadows" not in out.stderr
     assert "python -m phi_fast: error: phi_fast was imported from" in out.stderr
     assert not (tmp_path / "demo").exists()
+
+
+def test_kernel_sources_changed_after_the_build_are_named(tmp_path):
+    csrc = tmp_path / "csrc"
+    for name in ("cpu/linear.cpp", "cpu/linear.h", "cuda/linear.cu", "sim/runtime.cpp", "bindings.cpp"):
+        (csrc / name).parent.mkdir(parents=True, exist_ok=True)
+        (csrc / name).write_text("")
+    built = tmp_path / "_C.so"
+    built.write_text("")
+    for path in [*csrc.rglob("*.*"), built]:
+        os.utime(path, (1000, 1000))
+    assert _ext.stale_sources(built, csrc, with_cuda=True) == []
+    for name, mtime in (("cpu/linear.h", 3000), ("cuda/linear.cu", 2000), ("sim/runtime.cpp", 2000)):
+        os.utime(csrc / name, (mtime, mtime))
+    assert _ext.stale_sources(built, csrc, with_cuda=True) == [csrc / "cuda/linear.cu", csrc / "cpu/linear.h"]
+    assert _ext.stale_sources(built, csrc, with_cuda=False) == [csrc / "cpu/linear.h"]  # no CUDA in that build
+    assert _ext.stale_sources(built, tmp_path / "installed_copy_has_no_csrc", with_cuda=True) == []
+    message = _ext.stale_build_message(built, [csrc / "cuda/linear.cu", csrc / "cpu/linear.h"])
+    assert f"is older than {csrc / 'cuda/linear.cu'} and 1 more" in message and "build_ext --inplace" in message
+
+
+def test_the_package_under_test_is_built_from_its_current_sources():
+    extension = _ext.extension()
+    assert _ext.stale_sources(Path(extension.__file__), PACKAGE_ROOT / "csrc", extension.has_cuda()) == []

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from bench.common import require_current_build
 from bench.kernels.quant_gemv_cpu import load_extension
 from phi_fast import ops
 
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shapes", default="qkv,dense,fc1,fc2")
     args = p.parse_args()
+    require_current_build()
     torch.set_num_threads(args.threads)
     old = load_extension(args.old) if args.old else None
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

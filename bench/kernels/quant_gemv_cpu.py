@@ -30,6 +30,7 @@ from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
+from bench.common import require_current_build  # noqa: E402
 from phi_fast import ops  # noqa: E402
 
 SHAPES = {"qkv": (2560, 7680), "fc1": (2560, 10240), "fc2": (10240, 2560), "lm_head": (2560, 51200),
@@ -87,6 +88,7 @@ def main() -> None:
     p.add_argument("--shapes", default="qkv,fc1,fc2,lm_head")
     p.add_argument("--hot", action="store_true", help="one copy of each weight: calls read it from the caches")
     args = p.parse_args()
+    require_current_build()
     torch.set_num_threads(args.threads)
     old = load_extension(args.old) if args.old else None
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
